@@ -1,0 +1,244 @@
+"""
+Mamba-1 language model in one readable file: plain PyTorch + einops, no custom kernels.
+Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752.
+The initialisation follows the official code (state-spaces/mamba: mamba_simple.py, mixer_seq_simple.py).
+
+Glossary (code name -> paper symbol), used in the shape comments:
+  b, l      batch size, sequence length (paper: B, L)
+  d_model   width of the residual stream (the paper's D; not the skip parameter D below)
+  d_in      d_inner = expand * d_model, width inside the mixer (E*D, with E = 2)
+  n         d_state, size of the SSM state of each channel (N)
+  u         input of the scan: the convolved activations (b, l, d_in), called x in the paper
+  delta     step size Δ = softplus(dt_proj(dt)) > 0, one per token and channel (b, l, d_in)
+  A         state matrix; diagonal, so stored as (d_in, n); A = -exp(A_log) < 0 keeps the SSM stable
+  B, C      how the input enters the state and how the state is read out, one per token (b, l, n)
+  D         skip connection from u to y (d_in,)
+  dt_rank   rank R of the low-rank projection that produces Δ, ceil(d_model / 16)
+  h         hidden state (b, d_in, n): all that the model remembers of the past
+  dA, dBu   discretised A and B*u: exp(ΔA) (zero-order hold) and ΔB u (Euler), (b, l, d_in, n)
+
+Run `python mamba_min.py` to time the scan modes on the current device.
+"""
+import math
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+# ------------------------------------------------------------------------------------ selective scan
+# The recurrence: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,   y_t = C_t · h_t + D u_t.
+# All modes compute exactly this; they only schedule the loop over time differently.
+
+
+def scan_ref(u, delta, A, B, C, D, h):
+    """The definition, one time step after the other. Slow; the tests' oracle. h: (b, d_in, n)."""
+    ys = []
+    for t in range(u.shape[1]):
+        dA = torch.exp(delta[:, t, :, None] * A)                         # (b, d_in, n)
+        dBu = (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]     # (b, d_in, n)
+        h = dA * h + dBu
+        ys.append(einsum(h, C[:, t], "b d n, b n -> b d") + D * u[:, t])  # (b, d_in)
+    return torch.stack(ys, dim=1), h
+
+
+def _scan_loop(dA, dBu, h):
+    """h_t = dA_t * h_{t-1} + dBu_t, step by step along dim 1: (b, l, ...) -> all states (b, l, ...).
+    unbind/stack instead of x[:, t]: the backward of each indexing op builds a full-size zero
+    tensor, which would make the backward pass O(l^2)."""
+    hs = []
+    for a, x in zip(dA.unbind(1), dBu.unbind(1)):
+        h = torch.addcmul(x, a, h)  # x + a * h in one op: on CPU the per-op overhead dominates
+        hs.append(h)
+    return torch.stack(hs, dim=1)
+
+
+def _scan_chunked(dA, dBu, h):
+    """The same recurrence in about 2 sqrt(l) sequential steps instead of l (each one a kernel launch
+    on a GPU): 1) run it inside all chunks of k steps at once, from a zero state; 2) carry the state
+    from chunk to chunk; 3) add to every position the state that entered its chunk, times the product
+    of the decays since the chunk start (a cumprod: no division, so no inf/NaN when decays hit 0)."""
+    l = dA.shape[1]
+    k = math.ceil(math.sqrt(l))
+    pad = (0, 0, 0, 0, 0, -l % k)  # pad l to a multiple of k; padding comes last, so it cannot leak back
+    a, x = (rearrange(F.pad(t, pad), "b (c k) d n -> b k c d n", k=k) for t in (dA, dBu))
+    local = _scan_loop(a, x, torch.zeros_like(x[:, 0]))    # (b, k, c, d_in, n), each chunk from 0
+    decay = torch.cumprod(a, dim=1)                        # (b, k, c, d_in, n), since chunk start
+    ends = _scan_loop(decay[:, -1], local[:, -1], h)       # (b, c, d_in, n), true state at chunk ends
+    h_in = torch.cat([h[:, None], ends[:, :-1]], dim=1)    # (b, c, d_in, n), state entering each chunk
+    hs = local + decay * h_in[:, None]                     # (b, k, c, d_in, n)
+    return rearrange(hs, "b k c d n -> b (c k) d n")[:, :l]
+
+
+def selective_scan(u, delta, A, B, C, D, mode="auto", h0=None, return_state=False):
+    """y = SSM(u): u, delta (b, l, d_in); A (d_in, n); B, C (b, l, n); D (d_in,) -> y (b, l, d_in).
+    delta must already be positive (after softplus). h0: initial state (b, d_in, n), zero if None;
+    return_state=True also returns the state after the last step, to continue the sequence later.
+    mode: "ref" (the definition), "loop" (fast on CPU), "chunked" (for GPUs) or "auto"."""
+    if mode == "auto":
+        # Kernel-launch argument: a CPU op on a (b, d_in, n) slice costs microseconds, so l cheap
+        # steps win; on a GPU each step is a launch, so the ~2 sqrt(l) steps of "chunked" should.
+        # Not measured on a GPU yet: check with `python mamba_min.py` there.
+        mode = "loop" if u.device.type == "cpu" else "chunked"
+    dtype = u.dtype
+    # fp32 with autocast off: in bf16, decays close to 1 round to 1 and long memories are lost.
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C, D = (t.to(torch.promote_types(t.dtype, torch.float32))
+                                for t in (u, delta, A, B, C, D))
+        h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if h0 is None else h0.to(u.dtype)
+        if mode == "ref":
+            y, h = scan_ref(u, delta, A, B, C, D, h)
+        else:
+            dA = torch.exp(einsum(delta, A, "b l d, d n -> b l d n"))         # zero-order hold
+            dBu = einsum(delta * u, B, "b l d, b l n -> b l d n")             # Euler
+            hs = {"loop": _scan_loop, "chunked": _scan_chunked}[mode](dA, dBu, h)  # (b, l, d_in, n)
+            y, h = einsum(hs, C, "b l d n, b l n -> b l d") + D * u, hs[:, -1]
+    return (y.to(dtype), h) if return_state else y.to(dtype)
+
+# ------------------------------------------------------------------------------------ the model
+
+
+class MambaBlock(nn.Module):
+    """x + mixer(RMSNorm(x)), where the mixer is the Mamba block of the paper's Fig. 3:
+    x -> in_proj -> [u | z];  u -> causal conv -> SiLU -> selective SSM;  y * SiLU(z) -> out_proj."""
+
+    def __init__(self, d_model, d_state, expand, d_conv):
+        super().__init__()
+        d_in, self.d_state, self.dt_rank = expand * d_model, d_state, math.ceil(d_model / 16)
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.in_proj = nn.Linear(d_model, 2 * d_in, bias=False)
+        self.conv1d = nn.Conv1d(d_in, d_in, d_conv, groups=d_in)  # depthwise: mixes time, not channels
+        self.x_proj = nn.Linear(d_in, self.dt_rank + 2 * d_state, bias=False)  # selection: Δ, B, C of u
+        self.dt_proj = nn.Linear(self.dt_rank, d_in)
+        self.out_proj = nn.Linear(d_in, d_model, bias=False)
+        # Δ: weight keeps the variance, bias makes softplus(bias) log-uniform in [1e-3, 1e-1] at init,
+        # so channels start with time scales from ~10 to ~1000 tokens.
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.empty(d_in).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias._no_reinit = True  # the model-wide init zeroes Linear biases, but not this one
+        # S4D-real init A = -(1, 2, ..., n) in every channel; D = 1. No weight decay on either:
+        # shrinking A_log to 0 would pull every A to -1 (one time scale), shrinking D would cut the skip.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_in, 1)  # (d_in, n)
+        self.A_log = nn.Parameter(torch.log(A))  # learn log(-A): A stays negative whatever the update
+        self.D = nn.Parameter(torch.ones(d_in))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True
+
+    def forward(self, x, cache=None):
+        """x (b, l, d_model) -> (b, l, d_model), and the cache after the last token.
+        cache = (conv_state (b, d_conv-1, d_in): the last pre-conv inputs, h (b, d_in, n)), or None
+        for the start of a sequence. Training passes None; generation feeds the cache back in."""
+        b = x.shape[0]
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)                # (b, l, d_in) each
+        k = self.conv1d.kernel_size[0]
+        conv_state, h = cache if cache is not None else (u.new_zeros(b, k - 1, u.shape[-1]), None)
+        # Causal conv: left-pad with the k-1 previous inputs (zeros at the start), keep "valid" outputs.
+        u = torch.cat([conv_state, u], dim=1)                              # (b, k-1+l, d_in)
+        conv_state = u[:, u.shape[1] - (k - 1):]                           # (b, k-1, d_in)
+        u = F.silu(self.conv1d(u.transpose(1, 2)).transpose(1, 2))         # (b, l, d_in)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))                               # (b, l, d_in)
+        A = -torch.exp(self.A_log.float())                                 # (d_in, n)
+        y, h = selective_scan(u, delta, A, B, C, self.D, h0=h, return_state=True)
+        return x + self.out_proj(y * F.silu(z)), (conv_state, h)           # gate, then back to d_model
+
+
+class Mamba(nn.Module):
+    """Mamba language model: embedding -> n_layer MambaBlocks -> RMSNorm -> tied lm_head."""
+
+    def __init__(self, vocab_size, n_layer, d_model, d_state=16, expand=2, d_conv=4):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(MambaBlock(d_model, d_state, expand, d_conv) for _ in range(n_layer))
+        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.embedding.weight  # tied
+        # Official MambaLMHeadModel init: embedding N(0, 0.02), Linear biases 0 (unless _no_reinit),
+        # out_proj (the only write into the residual stream) default init / sqrt(n_layer), as in GPT-2.
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                if not getattr(m.bias, "_no_reinit", False):
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for layer in self.layers:
+            nn.init.kaiming_uniform_(layer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.out_proj.weight /= math.sqrt(n_layer)
+
+    def _run(self, idx, caches):
+        """idx (b, l) -> final hidden states (b, l, d_model) and the new per-layer caches."""
+        x, new_caches = self.embedding(idx), []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer(x, cache)
+            new_caches.append(cache)
+        return self.norm_f(x), new_caches
+
+    def forward(self, idx):
+        """idx (b, l) int64 -> logits (b, l, vocab_size)."""
+        return self.lm_head(self._run(idx, [None] * len(self.layers))[0])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        """Greedy decoding. idx (b, l) prompt -> (b, max_new_tokens) new tokens only. The prompt is read
+        once in parallel; after that each token is one recurrent step (l = 1) that feeds the caches back:
+        O(1) work per token, since the state h summarises the whole past."""
+        caches, new = [None] * len(self.layers), []
+        for _ in range(max_new_tokens):
+            x, caches = self._run(idx, caches)
+            idx = self.lm_head(x[:, -1:]).argmax(dim=-1)  # (b, 1): the next input is just this token
+            new.append(idx)
+        return torch.cat(new, dim=1) if new else idx[:, :0]
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def _mambapy_scan(u, delta, A, B, C, D):
+    """The same selective scan with mambapy's Blelloch parallel scan (pip install mambapy)."""
+    from mambapy.pscan import pscan
+    dA = torch.exp(einsum(delta, A, "b l d, d n -> b l d n"))
+    hs = pscan(dA, einsum(delta * u, B, "b l d, b l n -> b l d n"))
+    return einsum(hs, C, "b l d n, b l n -> b l d") + D * u
+
+
+def benchmark(b=8, d_in=256, n=16, lengths=(32, 64, 200, 1024), reps=7):
+    """Median forward+backward time of each scan mode on this device (and extra peak memory on CUDA)."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    device = "cuda" if cuda else "mps" if mps else "cpu"
+    modes = {m: partial(selective_scan, mode=m) for m in ("ref", "loop", "chunked", "auto")}
+    try:
+        import mambapy.pscan  # noqa: F401  (an optional competitor, not a dependency)
+        modes["mambapy"] = _mambapy_scan
+    except ImportError:
+        pass
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"{device}, {torch.get_num_threads()} threads, b={b} d_in={d_in} n={n}: forward+backward")
+    for l in lengths:
+        torch.manual_seed(0)
+        u, delta, B, C = (torch.randn(b, l, s) for s in (d_in, d_in, n, n))
+        A, D = -torch.exp(torch.randn(d_in, n)), torch.randn(d_in)
+        inputs = [t.to(device).requires_grad_() for t in (u, F.softplus(delta), A, B, C, D)]
+        todo = {name: fn for name, fn in modes.items() if name != "ref" or l <= 200}  # ref: too slow
+        times, peaks = {name: [] for name in todo}, {}
+        for _ in range(reps + 1):  # interleaved, so that a busy neighbour slows all modes alike
+            for name, fn in todo.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                sync()
+                t0 = time.perf_counter()
+                fn(*inputs).sum().backward()
+                sync()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+                if cuda:
+                    peaks[name] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:8.0f} MiB"
+        for name, t in times.items():  # the first run of each was a warm-up
+            print(f"l={l:5d}  {name:8s} {statistics.median(t[1:]):9.2f} ms {peaks.get(name, '')}")
+
+
+if __name__ == "__main__":
+    benchmark()

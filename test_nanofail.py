@@ -1,0 +1,484 @@
+"""Fast CPU tests for nanofail.py and mamba_min.py:  python -m pytest -q"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mamba_min
+import nanofail as nf
+from mamba_min import Mamba, selective_scan
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared" / "ntf-data"
+
+
+def tiny(**kw):
+    base = dict(n_layer=1, n_embd=32, n_head=2, n_train=512, n_test=64, batch_size=64, max_iters=20,
+                warmup_iters=5, log_interval=10, eval_interval=0, dtype="float32", device="cpu")
+    return nf.Config(**{**base, **kw})
+
+
+def graphs(n=500, deg=3, path_len=4, num_nodes=20, seed=0):
+    return nf.make_graphs(n, deg, path_len, num_nodes, np.random.default_rng(seed))
+
+
+def run_main(argv, capsys):
+    """Run nanofail's CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        nf.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_graphs_are_path_stars():
+    deg, path_len, N = 3, 4, 20
+    edges, path = graphs(deg=deg, path_len=path_len, num_nodes=N)
+    assert edges.shape == (500, deg * (path_len - 1), 2) and path.shape == (500, path_len)
+    for e, p in zip(edges, path):
+        nodes = set(e.ravel().tolist())
+        assert len(nodes) == 1 + deg * (path_len - 1) and max(nodes) < N  # distinct labels
+        children = {}
+        for u, v in e.tolist():
+            children.setdefault(u, []).append(v)
+        s = p[0]
+        assert len(children[s]) == deg and all(len(c) == 1 for u, c in children.items() if u != s)
+        for first in children[s]:  # every arm has path_len - 1 nodes
+            arm = [first]
+            while arm[-1] in children:
+                arm.append(children[arm[-1]][0])
+            assert len(arm) == path_len - 1
+        assert all([u, v] in e.tolist() for u, v in zip(p[:-1], p[1:]))  # the answer follows edges
+        assert p[-1] not in children  # the goal ends an arm
+
+
+def test_goal_arm_and_edge_order_are_random():
+    edges, path = graphs(n=4000, deg=2, path_len=5, num_nodes=50)
+    first_is_start = (edges[:, 0, 0] == path[:, 0]).mean()
+    assert 0.15 < first_is_start < 0.35  # 2 of 8 edges leave s: ~0.25 if shuffled, 1.0 if not
+    goal_first_arm = np.mean([p[1] == e[e[:, 0] == p[0]][:, 1].min() for e, p in zip(edges, path)])
+    assert 0.45 < goal_first_arm < 0.55
+
+
+def test_splits_are_deterministic_and_disjoint():
+    cfg = nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)  # few graphs: collisions
+    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
+    assert len(tr_e) == 2000 and len(te_e) == 200
+    assert not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
+    (tr_e2, tr_p2), _ = nf.make_splits(cfg)
+    assert np.array_equal(tr_e, tr_e2) and np.array_equal(tr_p, tr_p2)
+    (tr_e3, _), _ = nf.make_splits(nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200, seed=1))
+    assert not np.array_equal(tr_e, tr_e3)
+
+
+def test_encoding_matches_the_original_tokens():
+    edges = np.array([[[5, 2], [2, 8], [5, 9], [9, 3]]])
+    path = np.array([[5, 2, 8]])
+    seq, P = nf.encode(edges, path, num_nodes=10)
+    pipe, eq, slash = 10, 11, 12
+    assert P == 15 and seq[0].tolist() == [5, 2, pipe, 2, 8, pipe, 5, 9, pipe, 9, 3, slash, 5, 8, eq, 5, 2, 8]
+    rev, _ = nf.encode(edges, path, num_nodes=10, reverse=True)
+    assert rev[0, P:].tolist() == [8, 2, 5] and np.array_equal(rev[0, :P], seq[0, :P])
+
+
+def test_text_format_round_trip(tmp_path):
+    edges, path = graphs(n=50)
+    f = str(tmp_path / "g.txt")
+    nf.write_graphs(f, edges, path)
+    e2, p2 = nf.read_graphs(f)
+    assert np.array_equal(edges, e2) and np.array_equal(path, p2)
+    assert open(f).readline().count("|") == edges.shape[1] - 1
+
+
+def test_export_data_writes_both_files(tmp_path, capsys):
+    code, out, _ = run_main(["--export_data", str(tmp_path), "--n_train", "300", "--n_test", "30"], capsys)
+    assert code == 0 and "300 + 30" in out
+    tr, te = nf.read_graphs(str(tmp_path / "train.txt")), nf.read_graphs(str(tmp_path / "test.txt"))
+    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(nf.Config(n_train=300, n_test=30))
+    assert np.array_equal(tr[0], tr_e) and np.array_equal(te[1], te_p)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
+@pytest.mark.parametrize("name,deg,path_len,N,P", [("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
+                                                   ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
+                                                   ("deg_2_path_3_nodes_10_test_20000.txt", 2, 3, 10, 15)])
+def test_original_test_files_load(name, deg, path_len, N, P):
+    cfg = nf.Config(test_file=str(SHARED / name), n_train=100)
+    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
+    assert (cfg.deg, cfg.path_len, cfg.num_nodes, cfg.n_test) == (deg, path_len, N, 20_000)
+    seq, prompt_len = nf.encode(te_e, te_p, cfg.num_nodes)
+    assert prompt_len == P and seq.shape == (20_000, P + path_len) and seq.max() < N + 4
+    assert open(SHARED / name).readline().strip().split("=")[1] == ",".join(map(str, te_p[0]))
+    assert len(tr_e) == 100 and not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
+
+
+@pytest.mark.parametrize("line,lineno", [("1,2|2,3/1,3=1,2", 2), ("1,2|1,3/1,3=1,3,x", 2),
+                                         ("1,2|1,4/1,4=1,2", 2), ("garbage", 2)])
+def test_malformed_files_name_the_line(tmp_path, capsys, line, lineno):
+    f = tmp_path / "bad.txt"
+    f.write_text("1,2|1,3/1,3=1,3\n" + line + "\n")
+    code, _, err = run_main(["--test_file", str(f)], capsys)
+    assert code == 2 and f"bad.txt:{lineno}:" in err and len(err.strip().splitlines()) == 1
+
+# ----------------------------------------------------------------------------- training pieces
+
+
+def test_teacherless_inputs_and_answer_positions():
+    cfg = tiny()
+    seq = torch.arange(20).repeat(3, 1)  # (3, P + L) with P = 15, L = 5
+    x = nf.make_inputs(seq, 15, cfg)
+    assert torch.equal(x, seq[:, :-1])
+    tl = nf.make_inputs(seq, 15, tiny(teacherless=True))
+    dollar = nf.tok(cfg.num_nodes)["dollar"]
+    assert torch.equal(tl[:, :15], seq[:, :15]) and (tl[:, 15:] == dollar).all()
+    assert torch.equal(seq, torch.arange(20).repeat(3, 1))  # the batch itself is left untouched
+
+    class Position(torch.nn.Module):  # logits[b, t] = one-hot(t): shows which positions are scored
+        def forward(self, idx):
+            return torch.eye(idx.shape[1])[None].repeat(len(idx), 1, 1)
+    logits = nf.answer_logits(Position(), seq, 15, cfg)
+    assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
+
+
+def test_gpt_is_causal():
+    torch.manual_seed(0)
+    model = nf.GPT(tiny(n_layer=2), vocab_size=20, block_size=16).eval()
+    idx = torch.randint(20, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 20
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :9], b[:, :9]) and not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_lr_schedule():
+    cfg = tiny(lr=1e-3, warmup_iters=10, max_iters=100, min_lr_frac=0.1)
+    lrs = [nf.lr_at(s, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and nf.lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_weight_decay_groups():
+    model = nf.GPT(tiny(), vocab_size=20, block_size=16)
+    model.ln_f.weight._no_weight_decay = True  # the flag Mamba sets on A_log and D
+    decay, rest = nf.make_optimizer(model, tiny(), torch.device("cpu")).param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and any(p is model.ln_f.weight for p in rest["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("objective", [{}, {"reverse": True}, {"teacherless": True}])
+def test_tiny_training_loss_falls(objective):
+    hist = nf.train(tiny(max_iters=80, eval_interval=20, lr=1e-2, **objective))
+    assert [h["step"] for h in hist] == [20, 40, 60, 80]
+    assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])  # from ~log(vocab)
+    r = hist[-1]
+    assert 0 <= r["test_exact_match"] <= 1 and len(r["test_token_acc"]) == len(r["forced_token_acc"]) == 5
+    assert r["test_exact_match"] <= min(r["test_token_acc"]) + 1e-9
+    assert r["forced_token_acc"][0] > 0.9  # the first answer token (s, or g when reversed) is in the prompt
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256", "--n_test", "64",
+            "--batch_size", "32", "--warmup_iters", "2", "--device", "cpu", "--out_dir", out]
+    assert run_main(args + ["--max_iters", "8"], capsys)[0] == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res) == {"config", "history", "final"} and res["final"]["step"] == 8
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["config"]["n_embd"] == 32
+    cfg = nf.Config(**ckpt["config"])
+    model = nf.build_model(cfg, cfg.num_nodes + 4, 27 + 4)
+    model.load_state_dict(ckpt["model"])
+    (_, _), (te_e, te_p) = nf.make_splits(cfg)
+    seq, P = nf.encode(te_e, te_p, cfg.num_nodes)
+    dtype = nf.autocast_dtype(cfg, torch.device("cpu"))
+    r = nf.evaluate(model, torch.from_numpy(seq), P, cfg, lambda: nf.compute_context(torch.device("cpu"), dtype))
+    assert r["test_exact_match"] == pytest.approx(res["final"]["test_exact_match"])
+    code, stdout, _ = run_main(args + ["--max_iters", "12", "--resume", os.path.join(out, "ckpt.pt")], capsys)
+    assert code == 0 and "step     12/12" in stdout and "step      8/" not in stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12
+
+# ----------------------------------------------------------------------------- mamba_min
+
+MODES = ["ref", "loop", "chunked", "auto"]
+LENGTHS = list(range(1, 71)) + [97, 128, 211, 256]
+
+
+def scan_inputs(l, b=2, d_in=3, n=4, seed=0, dtype=torch.float32):
+    """Random valid scan inputs: delta > 0, A < 0 (down to -16, the largest |A| at init with n = 16)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, l, d_in, generator=g)
+    delta = F.softplus(torch.randn(b, l, d_in, generator=g) - 1)
+    A = -torch.exp(torch.rand(d_in, n, generator=g) * math.log(16))
+    B, C = torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g)
+    D = torch.randn(d_in, generator=g)
+    return [t.to(dtype) for t in (u, delta, A, B, C, D)]
+
+
+def value_and_grads(inputs, mode):
+    """Scan output and the gradients of a random linear function of it w.r.t. all six inputs."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = selective_scan(*inputs, mode=mode)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    grads = torch.autograd.grad((y * w).sum(), inputs)
+    return [y, *grads]
+
+
+def assert_close_rel(actual, expected, rtol=1e-5, what=""):
+    """Equal to rtol relative to the tensor's scale (plain elementwise rtol fails near zeros)."""
+    atol = rtol * expected.abs().max().clamp(min=1e-12).item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scan_matches_float64_reference_values_and_grads(mode):
+    for l in LENGTHS:
+        inputs = scan_inputs(l, seed=l)
+        expected = value_and_grads([t.double() for t in inputs], "ref")
+        names = ["y", "du", "ddelta", "dA", "dB", "dC", "dD"]
+        for name, a, e in zip(names, value_and_grads(inputs, mode), expected):
+            assert a.dtype == torch.float32, (l, name)
+            assert_close_rel(a, e, what=f"l={l} {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decay_one_gives_cumulative_sum(mode):
+    u, delta, _, B, C, D = scan_inputs(37)
+    A = torch.zeros(u.shape[-1], B.shape[-1])  # exp(delta * 0) = 1: the state just adds up its inputs
+    h = torch.cumsum((delta * u)[..., None] * B[:, :, None, :], dim=1)  # (b, l, d_in, n)
+    expected = torch.einsum("bldn,bln->bld", h, C) + D * u
+    assert_close_rel(selective_scan(u, delta, A, B, C, D, mode=mode), expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decay_zero_keeps_only_current_input(mode):
+    u, _, A, B, C, D = scan_inputs(37)
+    delta = torch.full_like(u, 1e3)  # exp(-1e3 * |A|) = 0: the state forgets everything before t
+    expected = delta * u * (B * C).sum(-1, keepdim=True) + D * u
+    assert_close_rel(selective_scan(u, delta, A, B, C, D, mode=mode), expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_extreme_delta_stays_finite_and_correct(mode):
+    for l in [1, 5, 16, 50]:
+        u, delta, A, B, C, D = scan_inputs(l, seed=l)
+        A = A.clone()
+        A[:, 0], A[:, -1] = -1.0, -16.0
+        # decays exp(delta * A) that are ~1, denormal (exp(-95) < 1.2e-38: the smallest normal), or 0
+        pick = torch.randint(0, 3, delta.shape, generator=torch.Generator().manual_seed(2))
+        delta = torch.tensor([1e-6, 95.0, 1e3])[pick]
+        got = value_and_grads([u, delta, A, B, C, D], mode)
+        expected = value_and_grads([t.double() for t in (u, delta, A, B, C, D)], "ref")
+        for a, e in zip(got, expected):
+            assert torch.isfinite(a).all()
+            assert_close_rel(a, e)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scan_is_causal(mode):
+    u, delta, A, B, C, D = scan_inputs(30)
+    y = selective_scan(u, delta, A, B, C, D, mode=mode)
+    u2 = u.clone()
+    u2[:, 17] += 1.0
+    y2 = selective_scan(u2, delta, A, B, C, D, mode=mode)
+    assert torch.equal(y[:, :17], y2[:, :17])
+    assert not torch.allclose(y[:, 17:], y2[:, 17:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scan_in_two_pieces_with_carried_state_equals_one_scan(mode):
+    u, delta, A, B, C, D = scan_inputs(45)
+    y = selective_scan(u, delta, A, B, C, D, mode=mode)
+    first = [t[:, :20] for t in (u, delta)] + [A] + [t[:, :20] for t in (B, C)] + [D]
+    second = [t[:, 20:] for t in (u, delta)] + [A] + [t[:, 20:] for t in (B, C)] + [D]
+    y1, h = selective_scan(*first, mode=mode, return_state=True)
+    y2 = selective_scan(*second, mode=mode, h0=h)
+    assert h.shape == (2, 3, 4)
+    assert_close_rel(torch.cat([y1, y2], dim=1), y)
+
+
+def tiny_model(seed=0, vocab_size=11, n_layer=2, d_model=16, d_state=4):
+    torch.manual_seed(seed)
+    return Mamba(vocab_size, n_layer, d_model, d_state=d_state)
+
+
+def test_model_is_causal():
+    model = tiny_model()
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(0))
+    idx2 = idx.clone()
+    idx2[:, 7] = (idx2[:, 7] + 1) % 11
+    logits, logits2 = model(idx), model(idx2)
+    assert logits.shape == (2, 12, 11)
+    assert torch.equal(logits[:, :7], logits2[:, :7])
+    assert not torch.allclose(logits[:, 7:], logits2[:, 7:])
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 3, 4, 9])
+def test_generate_equals_greedy_full_forward(prompt_len):
+    model = tiny_model(seed=prompt_len)
+    with torch.no_grad():  # bigger embeddings than at init, so that the greedy choice varies
+        model.embedding.weight.normal_(std=1.0)
+    idx = torch.randint(0, 11, (3, prompt_len), generator=torch.Generator().manual_seed(0))
+    new = model.generate(idx, max_new_tokens=12)
+    seq = idx
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert new.shape == (3, 12) and new.dtype == torch.int64
+    assert torch.equal(new, seq[:, prompt_len:])
+    assert len(new.unique()) > 1  # the comparison above is not between two constant sequences
+    assert model.generate(idx, 0).shape == (3, 0)
+
+
+def test_generate_reads_the_prompt_once_then_one_token_per_step(monkeypatch):
+    model, lengths = tiny_model(), []
+
+    def recording_scan(u, *args, **kwargs):
+        lengths.append(u.shape[1])
+        return selective_scan(u, *args, **kwargs)
+
+    monkeypatch.setattr(mamba_min, "selective_scan", recording_scan)
+    model.generate(torch.zeros(2, 7, dtype=torch.long), max_new_tokens=5)
+    assert lengths == [7] * 2 + [1] * (2 * 4)  # 2 layers: the prompt in parallel, then 4 single steps
+
+
+def test_initialisation_after_build():
+    n_layer, d_model, d_state = 3, 32, 16
+    model = tiny_model(n_layer=n_layer, d_model=d_model, d_state=d_state)
+    d_in = 2 * d_model
+    assert model.lm_head.weight is model.embedding.weight
+    assert abs(model.embedding.weight.std().item() - 0.02) < 0.004
+    for layer in model.layers:
+        dt = F.softplus(layer.dt_proj.bias)
+        assert dt.shape == (d_in,) and dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+        assert dt.max() / dt.min() > 10  # log-uniform spread, not zeroed by the model-wide bias init
+        assert layer.dt_proj.bias._no_reinit
+        bound = math.ceil(d_model / 16) ** -0.5
+        assert layer.dt_proj.weight.abs().max() <= bound
+        A = -torch.exp(layer.A_log)
+        torch.testing.assert_close(A, -torch.arange(1.0, d_state + 1).expand(d_in, d_state))
+        torch.testing.assert_close(layer.D, torch.ones(d_in))
+        assert layer.A_log._no_weight_decay and layer.D._no_weight_decay
+        out_bound = 1 / math.sqrt(d_in * n_layer)  # kaiming_uniform(a=sqrt(5)) bound / sqrt(n_layer)
+        assert 0.9 * out_bound < layer.out_proj.weight.abs().max() <= out_bound
+        assert layer.in_proj.bias is None and layer.x_proj.bias is None and layer.out_proj.bias is None
+        assert layer.conv1d.weight.shape == (d_in, 1, 4) and layer.conv1d.bias is not None
+        assert layer.x_proj.out_features == math.ceil(d_model / 16) + 2 * d_state
+
+
+def test_tiny_model_trains():
+    model = tiny_model()
+    idx = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(11)) < 0.1  # near-uniform predictions at init
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_autocast_bf16_forward_and_fp32_scan():
+    model = tiny_model()
+    with torch.no_grad():  # logits of order 1, so that the comparison below means something
+        model.embedding.weight.normal_(std=1.0)
+    idx = torch.randint(0, 11, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+    assert logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_close_rel(logits, model(idx).detach(), rtol=1e-2)  # bf16 matmuls: ~3 significant digits
+    inputs = scan_inputs(64, d_in=8, n=16)
+    expected = selective_scan(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan(*inputs)
+        y_bf16 = selective_scan(*[t.bfloat16() for t in inputs])
+    assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
+    assert torch.equal(y, expected)  # autocast did not sneak bf16 into the scan
+
+
+def test_tiny_mamba_overfits_a_handful_of_graphs():
+    cfg = tiny(model="mamba", n_layer=2, n_embd=32, n_train=16, batch_size=16, max_iters=150, lr=1e-2,
+               warmup_iters=10, eval_interval=150, log_interval=150)
+    (tr_e, tr_p), _ = nf.make_splits(cfg)
+    torch.manual_seed(cfg.seed)
+    model = nf.build_model(cfg, cfg.num_nodes + 4, 31)
+    opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
+    seq, P = nf.encode(tr_e, tr_p, cfg.num_nodes)
+    seq = torch.from_numpy(seq)
+    for step in range(150):
+        loss = F.cross_entropy(nf.answer_logits(model, seq, P, cfg).flatten(0, 1), seq[:, P:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    assert torch.equal(model.generate(seq[:, :P], 5), seq[:, P:])
+
+
+@pytest.mark.parametrize("objective", [[], ["--reverse"], ["--teacherless"]])
+def test_nanofail_trains_mamba(tmp_path, capsys, objective):
+    args = ["--model", "mamba", "--n_layer", "1", "--n_embd", "32", "--d_state", "8", "--n_train", "256",
+            "--n_test", "32", "--batch_size", "32", "--max_iters", "30", "--lr", "1e-2", "--warmup_iters", "5",
+            "--device", "cpu", "--out_dir", str(tmp_path)]
+    code, out, _ = run_main(args + objective, capsys)
+    assert code == 0 and "mamba" in out and "exact match" in out
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["config"]["model"] == "mamba" and res["history"][-1]["train_loss"] < math.log(54)
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--deg", "5", "--path_len", "5", "--num_nodes", "20"], "raise --num_nodes"),
+    (["--deg", "0"], "deg >= 1"),
+    (["--path_len", "1"], "path_len >= 2"),
+    (["--n_train", "0"], "n_train >= 1"),
+    (["--n_embd", "30", "--n_head", "4"], "divisible"),
+    (["--test_file", "/nonexistent/test.txt"], "cannot read"),
+    (["--model", "rnn"], "invalid choice"),
+    (["--no_such_flag"], "unrecognized arguments"),
+    (["--lr", "fast"], "invalid float"),
+])
+def test_bad_input_is_one_line(capsys, argv, needle):
+    code, _, err = run_main(argv + ["--max_iters", "1"], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_main(["--resume", str(bad), "--out_dir", str(tmp_path), "--max_iters", "1"], capsys)
+    assert code == 2 and "cannot read checkpoint" in err and bad.read_bytes() == b"not a checkpoint"
+    good = tmp_path / "run"
+    small = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "8",
+             "--batch_size", "32", "--device", "cpu", "--out_dir", str(good)]
+    assert run_main(small + ["--max_iters", "2"], capsys)[0] == 0
+    before = (good / "ckpt.pt").read_bytes()
+    code, _, err = run_main(small + ["--n_embd", "64", "--max_iters", "4", "--resume", str(good / "ckpt.pt")], capsys)
+    assert code == 2 and "--n_embd 32" in err and (good / "ckpt.pt").read_bytes() == before
+
+
+def test_help_lists_every_knob():
+    out = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "-h"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for f in nf.fields(nf.Config):
+        assert f"--{f.name}" in out.stdout
