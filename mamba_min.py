@@ -45,15 +45,32 @@ def scan_ref(u, delta, A, B, C, D, h):
     return torch.stack(ys, dim=1), h
 
 
-def _scan_loop(dA, dBu, h):
+class _ScanLoop(torch.autograd.Function):
     """h_t = dA_t * h_{t-1} + dBu_t, step by step along dim 1: (b, l, ...) -> all states (b, l, ...).
-    unbind/stack instead of x[:, t]: the backward of each indexing op builds a full-size zero
-    tensor, which would make the backward pass O(l^2)."""
-    hs = []
-    for a, x in zip(dA.unbind(1), dBu.unbind(1)):
-        h = torch.addcmul(x, a, h)  # x + a * h in one op: on CPU the per-op overhead dominates
-        hs.append(h)
-    return torch.stack(hs, dim=1)
+    The backward is the same recurrence run backwards, g_t = dL/dh_t + dA_{t+1} * g_{t+1}, written
+    out by hand: one fused multiply-add per step where autograd would record several ops per step
+    (and, with x[:, t] indexing under autograd, build a full-size zero tensor per step: O(l^2))."""
+
+    @staticmethod
+    def forward(ctx, dA, dBu, h0):
+        hs, h = torch.empty_like(dBu), h0
+        for t in range(dA.shape[1]):
+            h = hs[:, t] = torch.addcmul(dBu[:, t], dA[:, t], h)  # dBu + dA * h in one op
+        ctx.save_for_backward(dA, hs, h0)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        dA, hs, h0 = ctx.saved_tensors
+        g = torch.empty_like(grad_hs)  # g_t = dL/dh_t, through every later step
+        g[:, -1] = grad_hs[:, -1]
+        for t in range(dA.shape[1] - 2, -1, -1):
+            g[:, t] = torch.addcmul(grad_hs[:, t], dA[:, t + 1], g[:, t + 1])
+        h_prev = torch.cat([h0[:, None], hs[:, :-1]], dim=1)  # (b, l, ...): the state each step read
+        return g * h_prev, g, dA[:, 0] * g[:, 0]
+
+
+_scan_loop = _ScanLoop.apply
 
 
 def _scan_chunked(dA, dBu, h):

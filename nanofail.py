@@ -75,15 +75,20 @@ class Config:
     export_data: str = knob("", "write DIR/train.txt and DIR/test.txt in the original format, then exit")
     train_file: str = knob("", "load training graphs from this file (original text format)")
     test_file: str = knob("", "load test graphs from this file (original text format)")
+    plot: tuple = knob((), "plot the results.json of these run folders and exit (needs matplotlib)")
+    plot_out: str = knob("clever_hans.png", "where --plot writes its figure")
     preset: str = knob("quick", "starting values, overridden by explicit flags", choices=("quick", "paper"))
 
 
+MAMBA_QUICK = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=2000, eval_interval=250)
+# Presets by (name, model); explicit flags override them.
+PAPER = dict(n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, max_iters=500 * 200_000 // 256,
+             warmup_iters=1_000, eval_interval=5_000, log_interval=500)  # Sec. 4: 500 epochs of 200k graphs
 PRESETS = {
-    "quick": {},  # the defaults above: a 2-core laptop CPU shows the Clever-Hans signature in minutes
-    # the paper's setting (Sec. 4, App. B): 200k graphs, 500 epochs of batch 256, on one GPU
-    "paper": dict(n_layer=12, n_embd=384, n_head=6, n_train=200_000, n_test=20_000, batch_size=256,
-                  lr=5e-4, max_iters=500 * 200_000 // 256, warmup_iters=1_000, eval_interval=5_000,
-                  log_interval=500),
+    ("quick", "gpt"): {},  # the defaults above: a 2-core laptop CPU shows the Clever-Hans signature in minutes
+    ("quick", "mamba"): MAMBA_QUICK,
+    ("paper", "gpt"): dict(PAPER, n_layer=12, n_embd=384, n_head=6),
+    ("paper", "mamba"): dict(PAPER, n_layer=12, n_embd=384),
 }
 
 
@@ -334,6 +339,16 @@ def compute_context(device, dtype):
         yield
 
 
+def flops_per_step(cfg, n_params, T):
+    """Training FLOPs of one step (the PaLM / nanoGPT estimate): 6 per parameter and token for the
+    matmuls forward and backward, plus attention's 12 * n_layer * n_embd * T (the Mamba scan not counted)."""
+    attention = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
+    return (6 * n_params + attention) * T * cfg.batch_size
+
+
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense, for MFU on CUDA
+
+
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
     if step < cfg.warmup_iters:
@@ -395,14 +410,50 @@ def verdict(r, cfg):
     return "still learning: neither the Clever-Hans signature nor a solution yet."
 
 
-def report(r, cfg):
+def position_names(cfg):
     names = ["s"] + [f"n{i}" for i in range(1, cfg.path_len - 1)] + ["g"]
-    names = names[::-1] if cfg.reverse else names
+    return names[::-1] if cfg.reverse else names
+
+
+def report(r, cfg):
+    names = position_names(cfg)
     row = lambda label, xs: f"  {label:<10}" + "".join(f"{x:>7.3f}" for x in xs)
     print(f"  {'position':<10}" + "".join(f"{n:>7}" for n in names))
     print(row("decoded", r["test_token_acc"]) + f"   exact match {r['test_exact_match']:.3f}")
     print(row("forced", r["forced_token_acc"]))
     print("  -> " + verdict(r, cfg))
+
+
+def plot_runs(run_dirs, out_path):
+    """The paper's learning-dynamics picture, one panel per run: accuracy of every answer position
+    over training (forced = with the objective's own inputs), and exact match of greedy decoding."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which training does not: pip install matplotlib")
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 3.3), squeeze=False, sharey=True)
+    for ax, run_dir in zip(axes[0], run_dirs):
+        try:
+            with open(os.path.join(run_dir, "results.json")) as f:
+                res = json.load(f)
+            cfg, hist = Config(**res["config"]), res["history"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"cannot read {run_dir}/results.json ({type(e).__name__}): pass --out_dir folders")
+        steps = [h["step"] for h in hist]
+        for i, name in enumerate(position_names(cfg)):
+            ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", label=f"forced {name}")
+        ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
+        ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
+        objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+        ax.set(title=f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})", xlabel="step", ylim=(-0.02, 1.02))
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    print(f"wrote {out_path}")
 
 # ----------------------------------------------------------------------------- main
 
@@ -419,10 +470,13 @@ def parse_config(argv=None):
         h = f"{f.metadata['help']} (default: {f.default})"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=h)
+        elif f.type is tuple:
+            p.add_argument(f"--{f.name}", nargs="+", metavar="RUN_DIR", help=h)
         else:
             p.add_argument(f"--{f.name}", type=f.type, help=h, choices=f.metadata.get("choices"))
     explicit = vars(p.parse_args(argv))
-    return Config(**{**PRESETS[explicit.get("preset", "quick")], **explicit})
+    preset = PRESETS[explicit.get("preset", "quick"), explicit.get("model", "gpt")]
+    return Config(**{**preset, **explicit})
 
 
 def atomic_save(obj, path):
@@ -470,6 +524,8 @@ def train(cfg):
     dtype = autocast_dtype(cfg, device)
     amp = lambda: compute_context(device, dtype)  # noqa: E731
     n_params = sum(p.numel() for p in raw.parameters())
+    step_flops = flops_per_step(cfg, n_params, P + L - 1)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
     print(f"{cfg.model} {n_params / 1e6:.2f}M params on {device} ({str(dtype)[6:]}) | G({cfg.deg},{L}) "
           f"N={cfg.num_nodes} | {len(train_seq)} train / {len(test_seq)} test graphs | prompt {P} tokens, "
           f"answer {L} | {'teacherless' if cfg.teacherless else 'next-token'}{' reverse' if cfg.reverse else ''}")
@@ -496,7 +552,8 @@ def train(cfg):
         if step % cfg.log_interval == 0 or do_eval:
             train_loss, its = torch.stack(window).mean().item(), len(window) / (time.time() - t_window)
             print(f"step {step:>6}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr_at(step - 1, cfg):.1e} | "
-                  f"{its:.2f} it/s {its * cfg.batch_size * (P + L - 1) / 1e3:.0f}k tok/s | "
+                  f"{its:.2f} it/s {its * cfg.batch_size * (P + L - 1) / 1e3:.0f}k tok/s {its * step_flops / 1e9:.0f} GFLOP/s"
+                  f"{f' MFU {its * step_flops / peak / 1e10:.0f}%' if peak and dtype == torch.bfloat16 else ''} | "
                   f"ETA {(cfg.max_iters - step) / its / 60:.1f} min", flush=True)
         if do_eval:
             r = dict(step=step, train_loss=train_loss, **evaluate(model, test_seq, P, cfg, amp))
@@ -516,6 +573,8 @@ def train(cfg):
 def main(argv=None):
     try:
         cfg = parse_config(argv)
+        if cfg.plot:
+            return plot_runs(cfg.plot, cfg.plot_out)
         if cfg.export_data:
             (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
             os.makedirs(cfg.export_data, exist_ok=True)

@@ -477,6 +477,26 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     assert code == 2 and "--n_embd 32" in err and (good / "ckpt.pt").read_bytes() == before
 
 
+def test_plot_from_results(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, test_token_acc=[1, .5, .5, .5, .5],
+                 forced_token_acc=[1, .5, 1, 1, 1]) for s in (10, 20)]
+    json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]), open(run / "results.json", "w"))
+    out = tmp_path / "fig" / "ch.png"
+    code, stdout, _ = run_main(["--plot", str(run), str(run), "--plot_out", str(out)], capsys)
+    assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run_main(["--plot", str(tmp_path), "--plot_out", str(out)], capsys)
+    assert code == 2 and "results.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run_main(["--plot", str(tmp_path)], capsys)
+    assert code == 2 and "pip install matplotlib" in err
+
+
 def test_help_lists_every_knob():
     out = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "-h"], capture_output=True, text=True)
     assert out.returncode == 0
