@@ -195,9 +195,10 @@ class Mamba(nn.Module):
             new_caches.append(cache)
         return self.norm_f(x), new_caches
 
-    def forward(self, idx):
-        """idx (b, l) int64 -> logits (b, l, vocab_size)."""
-        return self.lm_head(self._run(idx, [None] * len(self.layers))[0])
+    def forward(self, idx, n_out=None):
+        """idx (b, l) int64 -> logits (b, n_out, vocab_size) of the last n_out positions (all if None)."""
+        x = self._run(idx, [None] * len(self.layers))[0]
+        return self.lm_head(x[:, x.shape[1] - (n_out or x.shape[1]):])
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):

@@ -148,8 +148,8 @@ def test_teacherless_inputs_and_answer_positions():
     assert torch.equal(seq, torch.arange(20).repeat(3, 1))  # the batch itself is left untouched
 
     class Position(torch.nn.Module):  # logits[b, t] = one-hot(t): shows which positions are scored
-        def forward(self, idx):
-            return torch.eye(idx.shape[1])[None].repeat(len(idx), 1, 1)
+        def forward(self, idx, n_out):
+            return torch.eye(idx.shape[1])[None, -n_out:].repeat(len(idx), 1, 1)
     logits = nf.answer_logits(Position(), seq, 15, cfg)
     assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
 
@@ -162,6 +162,17 @@ def test_gpt_is_causal():
     changed[:, 9] = (idx[:, 9] + 1) % 20
     a, b = model(idx), model(changed)
     assert torch.allclose(a[:, :9], b[:, :9]) and not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("model", ["gpt", "mamba"])
+def test_last_positions_only_equal_the_full_forward(model):
+    torch.manual_seed(0)
+    net = nf.build_model(tiny(model=model, n_layer=2), vocab_size=20, block_size=16).eval()
+    idx = torch.randint(20, (3, 16))
+    full = net(idx)
+    assert full.shape == (3, 16, 20)
+    for n_out in (1, 5, 16):
+        torch.testing.assert_close(net(idx, n_out=n_out), full[:, -n_out:], rtol=1e-5, atol=1e-5)
 
 
 def test_lr_schedule():
@@ -457,6 +468,11 @@ def test_nanofail_trains_mamba(tmp_path, capsys, objective):
     (["--model", "rnn"], "invalid choice"),
     (["--no_such_flag"], "unrecognized arguments"),
     (["--lr", "fast"], "invalid float"),
+    (["--log_interval", "0"], "--log_interval must be >= 1"),
+    (["--batch_size", "-4"], "--batch_size must be >= 1"),
+    (["--device", "tpu9"], "unknown --device"),
+    pytest.param(["--device", "cuda"], "not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input_is_one_line(capsys, argv, needle):
     code, _, err = run_main(argv + ["--max_iters", "1"], capsys)
