@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -396,9 +396,9 @@ def batches(n, batch_size, gen):
 
 @torch.no_grad()
 def evaluate(model, seq, prompt_len, cfg, amp, batch_size=1000):
-    """Exact match and per-position accuracy of greedy decoding, and per-position accuracy with the
-    true answer prefix in the input (teacher forcing): the Clever-Hans signature is forced accuracy
-    ~1/deg on the answer's second token and ~1 everywhere after it."""
+    """Exact match and per-position accuracy of greedy decoding, and per-position accuracy on the
+    training inputs ("forced": the true answer prefix, or '$' tokens when teacherless). The
+    Clever-Hans signature is forced accuracy ~1/deg on the answer's second token, ~1 after it."""
     model.eval()
     L, dec, forced = seq.shape[1] - prompt_len, [], []
     for i in range(0, len(seq), batch_size):
@@ -422,6 +422,9 @@ def verdict(r, cfg):
     f = r["forced_token_acc"]
     if r["test_exact_match"] >= 0.95:
         return "solved: the model finds the path (exact match ~ 1)."
+    if cfg.teacherless:  # nothing to copy: each learned position was planned from the prompt
+        learned = [n for n, a in zip(position_names(cfg), f) if a > 0.9]
+        return f"teacherless: positions planned from the prompt alone so far (> 0.9): {' '.join(learned) or 'none'}."
     if len(f) > 2 and f[1] < 1.5 / cfg.deg and min(f[2:]) > 0.9:
         return (f"Clever Hans: later nodes are copied from the edge list (forced ~ 1), but the node after "
                 f"s is a guess among {cfg.deg} arms (~ 1/deg), so exact match ~ 1/deg.")
@@ -459,15 +462,16 @@ def plot_runs(run_dirs, out_path):
             cfg, hist = Config(**res["config"]), res["history"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"cannot read {run_dir}/results.json ({type(e).__name__}): pass --out_dir folders")
-        steps = [h["step"] for h in hist]
-        for i, name in enumerate(position_names(cfg)):
-            ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", label=f"forced {name}")
+        steps, forward = [h["step"] for h in hist], position_names(replace(cfg, reverse=False))
+        for i, name in enumerate(position_names(cfg)):  # one colour per node, whatever the order
+            ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", color=f"C{forward.index(name)}",
+                    label=f"forced {name}")
         ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
         ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
         objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
         ax.set(title=f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})", xlabel="step", ylim=(-0.02, 1.02))
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="center right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=110)
