@@ -610,7 +610,8 @@ def main(argv=None):
             return
         train(cfg)
     except UsageError as e:
-        sys.exit(f"nanofail: error: {e}")
+        print(f"nanofail: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

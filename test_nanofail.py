@@ -36,9 +36,7 @@ def run_main(argv, capsys):
         nf.main(argv)
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 2
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1  # what the interpreter exits with for a message
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -518,3 +516,5 @@ def test_help_lists_every_knob():
     assert out.returncode == 0
     for f in nf.fields(nf.Config):
         assert f"--{f.name}" in out.stdout
+    bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "deg >= 1" in bad.stderr
