@@ -434,7 +434,7 @@ def test_tiny_mamba_overfits_a_handful_of_graphs():
     opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
     seq, P = nf.encode(tr_e, tr_p, cfg.num_nodes)
     seq = torch.from_numpy(seq)
-    for step in range(150):
+    for _ in range(150):
         loss = F.cross_entropy(nf.answer_logits(model, seq, P, cfg).flatten(0, 1), seq[:, P:].flatten())
         opt.zero_grad()
         loss.backward()
