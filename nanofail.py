@@ -24,10 +24,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------- config
 
@@ -95,6 +91,42 @@ PRESETS = {
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"nanofail: error: {message} (see python nanofail.py -h)\n")
+
+
+def parse_config(argv=None):
+    """Config defaults <- preset <- explicit flags. The CLI is generated from the dataclass."""
+    p = Parser(description=__doc__.split("\n\n")[1], argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        h = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=h)
+        elif f.type is tuple:
+            p.add_argument(f"--{f.name}", nargs="+", metavar="RUN_DIR", help=h)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, help=h, choices=f.metadata.get("choices"))
+    explicit = vars(p.parse_args(argv))
+    preset = PRESETS[explicit.get("preset", "quick"), explicit.get("model", "gpt")]
+    cfg = Config(**{**preset, **explicit})
+    for f in fields(Config):
+        if "min" in f.metadata and getattr(cfg, f.name) < f.metadata["min"]:
+            raise UsageError(f"--{f.name} must be >= {f.metadata['min']} (got {getattr(cfg, f.name)})")
+    return cfg
+
+
+@contextmanager
+def reported():
+    """Bad input (a UsageError) ends the run with one line on stderr and exit status 2, no traceback."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"nanofail: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
 
 # ----------------------------------------------------------------------------- data
 # Tokens: node labels 0..N-1, then '|' = N, '=' = N+1, '/' = N+2, '$' = N+3 (commas are dropped).
@@ -226,8 +258,30 @@ def load_splits(cfg):
     cfg.n_train, cfg.n_test = len(train[0]), len(test[0])
     return train, test
 
+
+def export_data(cfg):
+    """--export_data DIR: the generated splits in the original format, DIR/train.txt and DIR/test.txt."""
+    (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
+    os.makedirs(cfg.export_data, exist_ok=True)
+    write_graphs(os.path.join(cfg.export_data, "train.txt"), tr_e, tr_p)
+    write_graphs(os.path.join(cfg.export_data, "test.txt"), te_e, te_p)
+    print(f"wrote {len(tr_e)} + {len(te_e)} G({cfg.deg},{cfg.path_len}) graphs to {cfg.export_data}/")
+
+
+# Everything above needs only numpy, so `--export_data` (and `-h`) finish here, before torch is
+# imported: that import alone takes 1-2 s, longer than generating and writing 220k graphs.
+if __name__ == "__main__":
+    with reported():
+        if (cfg := parse_config()).export_data:
+            export_data(cfg)
+            sys.exit(0)
+
 # ----------------------------------------------------------------------------- model
 # A compact GPT in the nanoGPT tradition: learned positions, pre-LayerNorm blocks, tied head.
+import torch  # noqa: E402
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Block(nn.Module):
@@ -480,31 +534,6 @@ def plot_runs(run_dirs, out_path):
 # ----------------------------------------------------------------------------- main
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"nanofail: error: {message} (see python nanofail.py -h)\n")
-
-
-def parse_config(argv=None):
-    """Config defaults <- preset <- explicit flags. The CLI is generated from the dataclass."""
-    p = Parser(description=__doc__.split("\n\n")[1], argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
-        h = f"{f.metadata['help']} (default: {f.default})"
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=h)
-        elif f.type is tuple:
-            p.add_argument(f"--{f.name}", nargs="+", metavar="RUN_DIR", help=h)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, help=h, choices=f.metadata.get("choices"))
-    explicit = vars(p.parse_args(argv))
-    preset = PRESETS[explicit.get("preset", "quick"), explicit.get("model", "gpt")]
-    cfg = Config(**{**preset, **explicit})
-    for f in fields(Config):
-        if "min" in f.metadata and getattr(cfg, f.name) < f.metadata["min"]:
-            raise UsageError(f"--{f.name} must be >= {f.metadata['min']} (got {getattr(cfg, f.name)})")
-    return cfg
-
-
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
@@ -597,21 +626,13 @@ def train(cfg):
 
 
 def main(argv=None):
-    try:
+    with reported():
         cfg = parse_config(argv)
         if cfg.plot:
             return plot_runs(cfg.plot, cfg.plot_out)
         if cfg.export_data:
-            (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
-            os.makedirs(cfg.export_data, exist_ok=True)
-            write_graphs(os.path.join(cfg.export_data, "train.txt"), tr_e, tr_p)
-            write_graphs(os.path.join(cfg.export_data, "test.txt"), te_e, te_p)
-            print(f"wrote {len(tr_e)} + {len(te_e)} G({cfg.deg},{cfg.path_len}) graphs to {cfg.export_data}/")
-            return
+            return export_data(cfg)
         train(cfg)
-    except UsageError as e:
-        print(f"nanofail: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

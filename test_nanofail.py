@@ -110,6 +110,18 @@ def test_export_data_writes_both_files(tmp_path, capsys):
     assert np.array_equal(tr[0], tr_e) and np.array_equal(te[1], te_p)
 
 
+def test_export_data_runs_without_torch(tmp_path):
+    """The script exports before importing torch (the speed of --export_data): a torch that cannot
+    be imported must not matter to it."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported by --export_data')")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--export_data", str(tmp_path / "d"),
+                          "--n_train", "20", "--n_test", "5"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert len(nf.read_graphs(str(tmp_path / "d" / "train.txt"))[0]) == 20
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
 @pytest.mark.parametrize("name,deg,path_len,N,P", [("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
                                                    ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
