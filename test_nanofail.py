@@ -530,3 +530,15 @@ def test_help_lists_every_knob():
         assert f"--{f.name}" in out.stdout
     bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "deg >= 1" in bad.stderr
+
+
+def test_presets_cover_every_model_and_yield_to_flags():
+    names = next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]
+    for name in names:
+        for model in ("gpt", "mamba"):
+            cfg = nf.parse_config(["--preset", name, "--model", model])
+            nf.check_task(cfg.deg, cfg.path_len, cfg.num_nodes)
+            assert cfg.preset == name and cfg.model == model
+    cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
+    assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
+    assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
