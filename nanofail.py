@@ -8,10 +8,11 @@ The task is path-finding on a path-star graph G(deg, path_len): a start node s w
 learns the one hard step, the node after s: exact match stays at 1/deg. Reversed targets (g..s) are
 easy, and teacherless training (answer inputs replaced by `$`) removes the cheat.
 
-    python nanofail.py                      # CPU-quick G(2,5) next-token run: the Clever-Hans signature
-    python nanofail.py --reverse            # the same task, answer reversed: solved
+    python nanofail.py                              # CPU-quick G(2,5) next-token run: the Clever-Hans signature
+    python nanofail.py --reverse                    # the same task, answer reversed: solved
     python nanofail.py --model mamba --teacherless
-    python nanofail.py -h                   # every knob
+    python nanofail.py --preset g23 --teacherless   # G(2,3): teacherless wins on a CPU
+    python nanofail.py -h                           # every knob
 """
 import argparse
 import json
