@@ -131,9 +131,16 @@ def reported():
     """Bad input (a UsageError) ends the run with one line on stderr and exit status 2, no traceback."""
     try:
         yield
-    except UsageError as e:
+    except (UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
         print(f"nanofail: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def make_dir(path, flag):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder {path} for --{flag} ({e.strerror}): pass another path")
 
 
 # ----------------------------------------------------------------------------- data
@@ -270,7 +277,7 @@ def load_splits(cfg):
 def export_data(cfg):
     """--export_data DIR: the generated splits in the original format, DIR/train.txt and DIR/test.txt."""
     (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
-    os.makedirs(cfg.export_data, exist_ok=True)
+    make_dir(cfg.export_data, "export_data")
     write_graphs(os.path.join(cfg.export_data, "train.txt"), tr_e, tr_p)
     write_graphs(os.path.join(cfg.export_data, "test.txt"), te_e, te_p)
     print(f"wrote {len(tr_e)} + {len(te_e)} G({cfg.deg},{cfg.path_len}) graphs to {cfg.export_data}/")
@@ -540,7 +547,7 @@ def plot_runs(run_dirs, out_path):
         ax.set_ylabel("test accuracy")
     axes[0][0].legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    make_dir(os.path.dirname(out_path) or ".", "plot_out")
     fig.savefig(out_path, dpi=110)
     print(f"wrote {out_path}")
 
@@ -598,7 +605,7 @@ def train(cfg):
           f"N={cfg.num_nodes} | {len(train_seq)} train / {len(test_seq)} test graphs | prompt {P} tokens, "
           f"answer {L} | {'teacherless' if cfg.teacherless else 'next-token'}{' reverse' if cfg.reverse else ''}")
     if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        make_dir(cfg.out_dir, "out_dir")
     gen = torch.Generator().manual_seed(cfg.seed + step)  # a resumed run draws fresh batches
     stream, history = batches(len(train_seq), cfg.batch_size, gen), ckpt["history"] if ckpt else []
     window, t_window, t_start, train_loss = [], time.time(), time.time(), float("nan")

@@ -489,6 +489,15 @@ def test_bad_input_is_one_line(capsys, argv, needle):
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_unwritable_output_folder_is_one_line_and_keeps_the_file(tmp_path, capsys):
+    f = tmp_path / "results"
+    f.write_text("keep me")
+    for flag in ("--export_data", "--out_dir"):
+        code, _, err = run_main([flag, str(f), "--n_train", "20", "--n_test", "5", "--max_iters", "1"], capsys)
+        assert code == 2 and f"for {flag}" in err and len(err.strip().splitlines()) == 1
+    assert f.read_text() == "keep me"
+
+
 def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
