@@ -128,10 +128,11 @@ def parse_config(argv=None):
 
 @contextmanager
 def reported():
-    """Bad input (a UsageError) ends the run with one line on stderr and exit status 2, no traceback."""
+    """Bad input (a UsageError, or a path that cannot be written) ends the run with one line on stderr
+    and exit status 2, no traceback."""
     try:
         yield
-    except (UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
+    except (UsageError, OSError) as e:
         print(f"nanofail: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -536,7 +537,8 @@ def plot_runs(run_dirs, out_path):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"cannot read {run_dir}/results.json ({type(e).__name__}): pass --out_dir folders")
         steps = [h["step"] for h in hist]
-        for i, name in enumerate(position_names(cfg)):  # one colour per node, whatever the order or length
+        for i, name in enumerate(position_names(cfg)):
+            # a node keeps its colour on every graph, in either order: s, n1, n2, n3, g = C0..C4, n4+ skip C4
             k = 0 if name == "s" else 4 if name == "g" else int(name[1:]) + (int(name[1:]) >= 4)
             ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", color=f"C{k}", label=f"forced {name}")
         ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
