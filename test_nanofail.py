@@ -1,11 +1,10 @@
 """Fast CPU tests for nanofail.py and mamba_min.py:  python -m pytest -q"""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import math
 
 import numpy as np
 import pytest
@@ -18,11 +17,16 @@ from mamba_min import Mamba, selective_scan
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "ntf-data"
+# NANOFAIL_TEST_DEVICE=cuda (or mps) runs the device-relevant tests there; the default is the CPU.
+DEVICE = os.environ.get("NANOFAIL_TEST_DEVICE", "cpu")
+if DEVICE != "cpu" and not ((DEVICE.startswith("cuda") and torch.cuda.is_available())
+                            or (DEVICE == "mps" and torch.backends.mps.is_available())):
+    pytest.exit(f"NANOFAIL_TEST_DEVICE={DEVICE}, but this machine has no such device", returncode=1)
 
 
 def tiny(**kw):
     base = dict(n_layer=1, n_embd=32, n_head=2, n_train=512, n_test=64, batch_size=64, max_iters=20,
-                warmup_iters=5, log_interval=10, eval_interval=0, dtype="float32", device="cpu")
+                warmup_iters=5, log_interval=10, eval_interval=0, dtype="float32", device=DEVICE)
     return nf.Config(**{**base, **kw})
 
 
@@ -93,6 +97,14 @@ def test_encoding_matches_the_original_tokens():
     assert rev[0, P:].tolist() == [8, 2, 5] and np.array_equal(rev[0, :P], seq[0, :P])
 
 
+def test_decode_gives_the_original_text_format():
+    edges, path = np.array([[[5, 2], [2, 8], [5, 9], [9, 3]]]), np.array([[5, 2, 8]])
+    seq, _ = nf.encode(edges, path, num_nodes=10)
+    assert nf.decode(seq, 10) == ["5,2|2,8|5,9|9,3/5,8=5,2,8"]
+    e2, p2 = nf.parse_graphs(nf.decode(seq, 10)[0])
+    assert np.array_equal(e2, edges) and np.array_equal(p2, path)
+
+
 def test_text_format_round_trip(tmp_path):
     edges, path = graphs(n=50)
     f = str(tmp_path / "g.txt")
@@ -108,18 +120,6 @@ def test_export_data_writes_both_files(tmp_path, capsys):
     tr, te = nf.read_graphs(str(tmp_path / "train.txt")), nf.read_graphs(str(tmp_path / "test.txt"))
     (tr_e, tr_p), (te_e, te_p) = nf.make_splits(nf.Config(n_train=300, n_test=30))
     assert np.array_equal(tr[0], tr_e) and np.array_equal(te[1], te_p)
-
-
-def test_export_data_runs_without_torch(tmp_path):
-    """The script exports before importing torch (the speed of --export_data): a torch that cannot
-    be imported must not matter to it."""
-    (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported by --export_data')")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    out = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--export_data", str(tmp_path / "d"),
-                          "--n_train", "20", "--n_test", "5"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert len(nf.read_graphs(str(tmp_path / "d" / "train.txt"))[0]) == 20
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
@@ -150,9 +150,9 @@ def test_malformed_files_name_the_line(tmp_path, capsys, line, lineno):
 def test_teacherless_inputs_and_answer_positions():
     cfg = tiny()
     seq = torch.arange(20).repeat(3, 1)  # (3, P + L) with P = 15, L = 5
-    x = nf.make_inputs(seq, 15, cfg)
+    x = nf.make_inputs(seq, 15, False, cfg.num_nodes)
     assert torch.equal(x, seq[:, :-1])
-    tl = nf.make_inputs(seq, 15, tiny(teacherless=True))
+    tl = nf.make_inputs(seq, 15, True, cfg.num_nodes)
     dollar = nf.tok(cfg.num_nodes)["dollar"]
     assert torch.equal(tl[:, :15], seq[:, :15]) and (tl[:, 15:] == dollar).all()
     assert torch.equal(seq, torch.arange(20).repeat(3, 1))  # the batch itself is left untouched
@@ -160,13 +160,13 @@ def test_teacherless_inputs_and_answer_positions():
     class Position(torch.nn.Module):  # logits[b, t] = one-hot(t): shows which positions are scored
         def forward(self, idx, n_out):
             return torch.eye(idx.shape[1])[None, -n_out:].repeat(len(idx), 1, 1)
-    logits = nf.answer_logits(Position(), seq, 15, cfg)
+    logits = nf.answer_logits(Position(), seq, 15, False, cfg.num_nodes)
     assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
 
 
 def test_gpt_is_causal():
     torch.manual_seed(0)
-    model = nf.GPT(tiny(n_layer=2), vocab_size=20, block_size=16).eval()
+    model = nf.GPT(vocab_size=20, block_size=16, n_layer=2, n_embd=32, n_head=2).eval()
     idx = torch.randint(20, (2, 16))
     changed = idx.clone()
     changed[:, 9] = (idx[:, 9] + 1) % 20
@@ -193,7 +193,7 @@ def test_lr_schedule():
 
 
 def test_weight_decay_groups():
-    model = nf.GPT(tiny(), vocab_size=20, block_size=16)
+    model = nf.GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=32, n_head=2)
     model.ln_f.weight._no_weight_decay = True  # the flag Mamba sets on A_log and D
     decay, rest = nf.make_optimizer(model, tiny(), torch.device("cpu")).param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and any(p is model.ln_f.weight for p in rest["params"])
@@ -206,15 +206,38 @@ def test_tiny_training_loss_falls(objective):
     assert [h["step"] for h in hist] == [20, 40, 60, 80]
     assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])  # from ~log(vocab)
     r = hist[-1]
-    assert 0 <= r["test_exact_match"] <= 1 and len(r["test_token_acc"]) == len(r["forced_token_acc"]) == 5
-    assert r["test_exact_match"] <= min(r["test_token_acc"]) + 1e-9
+    assert 0 <= r["test_exact_match"] <= 1 and len(r["forced_token_acc"]) == len(r["example_pred"]) == 5
+    assert r["test_exact_match"] <= min(r["forced_token_acc"]) + 1e-9
     assert r["forced_token_acc"][0] > 0.9  # the first answer token (s, or g when reversed) is in the prompt
+
+
+@pytest.mark.parametrize("model", ["gpt", "mamba"])
+def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
+    """evaluate() scores exact match with one forward pass: decoding is right all the way exactly when
+    every teacher-forced prediction is right. Check it against real decoding, token by token."""
+    cfg = tiny(model=model, n_layer=2, n_train=16, batch_size=16, lr=1e-2)
+    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
+    seq, P = nf.encode(np.concatenate([tr_e, te_e]), np.concatenate([tr_p, te_p]), cfg.num_nodes)
+    seq = torch.from_numpy(seq).to(DEVICE)
+    torch.manual_seed(0)
+    net = nf.build_model(cfg, cfg.num_nodes + 4, seq.shape[1] - 1).to(DEVICE)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(60):  # memorise the 16 training graphs: some answers right, many wrong
+        loss = nf.answer_loss(net, seq[:16], P, False, cfg.num_nodes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r = nf.evaluate(net, seq, P, False, cfg.num_nodes, batch_size=32)
+    decoded = net.generate(seq[:, :P], seq.shape[1] - P)
+    exact = (decoded == seq[:, P:]).all(1).float().mean().item()
+    assert 0 < exact < 1 and r["test_exact_match"] == pytest.approx(exact)
+    assert r["example_pred"] == decoded[0].tolist()
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256", "--n_test", "64",
-            "--batch_size", "32", "--warmup_iters", "2", "--device", "cpu", "--out_dir", out]
+            "--batch_size", "32", "--warmup_iters", "2", "--device", DEVICE, "--out_dir", out]
     assert run_main(args + ["--max_iters", "8"], capsys)[0] == 0
     res = json.load(open(os.path.join(out, "results.json")))
     assert set(res) == {"config", "history", "final"} and res["final"]["step"] == 8
@@ -225,10 +248,13 @@ def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
     model.load_state_dict(ckpt["model"])
     (_, _), (te_e, te_p) = nf.make_splits(cfg)
     seq, P = nf.encode(te_e, te_p, cfg.num_nodes)
-    dtype = nf.autocast_dtype(cfg, torch.device("cpu"))
-    r = nf.evaluate(model, torch.from_numpy(seq), P, cfg, lambda: nf.compute_context(torch.device("cpu"), dtype))
+    device = torch.device(DEVICE)
+    dtype = nf.autocast_dtype(cfg.dtype, device)
+    r = nf.evaluate(model.to(device), torch.from_numpy(seq).to(device), P, False, cfg.num_nodes,
+                    lambda: nf.compute_context(device, dtype))
     assert r["test_exact_match"] == pytest.approx(res["final"]["test_exact_match"])
-    code, stdout, _ = run_main(args + ["--max_iters", "12", "--resume", os.path.join(out, "ckpt.pt")], capsys)
+    # --resume alone continues with the checkpoint's settings; flags given override them
+    code, stdout, _ = run_main(["--max_iters", "12", "--resume", os.path.join(out, "ckpt.pt")], capsys)
     assert code == 0 and "step     12/12" in stdout and "step      8/" not in stdout
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12
 
@@ -251,11 +277,12 @@ def scan_inputs(l, b=2, d_in=3, n=4, seed=0, dtype=torch.float32):
 
 def value_and_grads(inputs, mode):
     """Scan output and the gradients of a random linear function of it w.r.t. all six inputs."""
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    device = "cpu" if inputs[0].dtype == torch.float64 else DEVICE  # the float64 oracle runs on the CPU
+    inputs = [t.detach().clone().to(device).requires_grad_() for t in inputs]
     y = selective_scan(*inputs, mode=mode)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     grads = torch.autograd.grad((y * w).sum(), inputs)
-    return [y, *grads]
+    return [t.cpu() for t in (y, *grads)]
 
 
 def assert_close_rel(actual, expected, rtol=1e-5, what=""):
@@ -334,12 +361,12 @@ def test_scan_in_two_pieces_with_carried_state_equals_one_scan(mode):
 
 def tiny_model(seed=0, vocab_size=11, n_layer=2, d_model=16, d_state=4):
     torch.manual_seed(seed)
-    return Mamba(vocab_size, n_layer, d_model, d_state=d_state)
+    return Mamba(vocab_size, n_layer, d_model, d_state=d_state).to(DEVICE)
 
 
 def test_model_is_causal():
     model = tiny_model()
-    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     idx2 = idx.clone()
     idx2[:, 7] = (idx2[:, 7] + 1) % 11
     logits, logits2 = model(idx), model(idx2)
@@ -353,7 +380,7 @@ def test_generate_equals_greedy_full_forward(prompt_len):
     model = tiny_model(seed=prompt_len)
     with torch.no_grad():  # bigger embeddings than at init, so that the greedy choice varies
         model.embedding.weight.normal_(std=1.0)
-    idx = torch.randint(0, 11, (3, prompt_len), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 11, (3, prompt_len), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     new = model.generate(idx, max_new_tokens=12)
     seq = idx
     with torch.no_grad():
@@ -373,7 +400,7 @@ def test_generate_reads_the_prompt_once_then_one_token_per_step(monkeypatch):
         return selective_scan(u, *args, **kwargs)
 
     monkeypatch.setattr(mamba_min, "selective_scan", recording_scan)
-    model.generate(torch.zeros(2, 7, dtype=torch.long), max_new_tokens=5)
+    model.generate(torch.zeros(2, 7, dtype=torch.long, device=DEVICE), max_new_tokens=5)
     assert lengths == [7] * 2 + [1] * (2 * 4)  # 2 layers: the prompt in parallel, then 4 single steps
 
 
@@ -403,7 +430,7 @@ def test_initialisation_after_build():
 
 def test_tiny_model_trains():
     model = tiny_model()
-    idx = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 11, (4, 17), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     x, y = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -421,16 +448,17 @@ def test_autocast_bf16_forward_and_fp32_scan():
     model = tiny_model()
     with torch.no_grad():  # logits of order 1, so that the comparison below means something
         model.embedding.weight.normal_(std=1.0)
-    idx = torch.randint(0, 11, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    idx = torch.randint(0, 11, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    device_type = torch.device(DEVICE).type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
         logits = model(idx)
         F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
     assert logits.dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert_close_rel(logits, model(idx).detach(), rtol=1e-2)  # bf16 matmuls: ~3 significant digits
-    inputs = scan_inputs(64, d_in=8, n=16)
+    inputs = [t.to(DEVICE) for t in scan_inputs(64, d_in=8, n=16)]
     expected = selective_scan(*inputs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=torch.bfloat16):
         y = selective_scan(*inputs)
         y_bf16 = selective_scan(*[t.bfloat16() for t in inputs])
     assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
@@ -447,7 +475,7 @@ def test_tiny_mamba_overfits_a_handful_of_graphs():
     seq, P = nf.encode(tr_e, tr_p, cfg.num_nodes)
     seq = torch.from_numpy(seq)
     for _ in range(150):
-        loss = F.cross_entropy(nf.answer_logits(model, seq, P, cfg).flatten(0, 1), seq[:, P:].flatten())
+        loss = nf.answer_loss(model, seq, P, False, cfg.num_nodes)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -459,7 +487,7 @@ def test_tiny_mamba_overfits_a_handful_of_graphs():
 def test_nanofail_trains_mamba(tmp_path, capsys, objective):
     args = ["--model", "mamba", "--n_layer", "1", "--n_embd", "32", "--d_state", "8", "--n_train", "256",
             "--n_test", "32", "--batch_size", "32", "--max_iters", "30", "--lr", "1e-2", "--warmup_iters", "5",
-            "--device", "cpu", "--out_dir", str(tmp_path)]
+            "--device", DEVICE, "--out_dir", str(tmp_path)]
     code, out, _ = run_main(args + objective, capsys)
     assert code == 0 and "mamba" in out and "exact match" in out
     res = json.load(open(tmp_path / "results.json"))
@@ -470,9 +498,9 @@ def test_nanofail_trains_mamba(tmp_path, capsys, objective):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--deg", "5", "--path_len", "5", "--num_nodes", "20"], "raise --num_nodes"),
-    (["--deg", "0"], "deg >= 1"),
-    (["--path_len", "1"], "path_len >= 2"),
-    (["--n_train", "0"], "n_train >= 1"),
+    (["--deg", "0"], "--deg must be >= 1"),
+    (["--path_len", "1"], "--path_len must be >= 2"),
+    (["--n_train", "0"], "--n_train must be >= 1"),
     (["--n_embd", "30", "--n_head", "4"], "divisible"),
     (["--test_file", "/nonexistent/test.txt"], "cannot read"),
     (["--model", "rnn"], "invalid choice"),
@@ -516,8 +544,7 @@ def test_plot_from_results(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     run.mkdir()
-    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, test_token_acc=[1, .5, .5, .5, .5],
-                 forced_token_acc=[1, .5, 1, 1, 1]) for s in (10, 20)]
+    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1]) for s in (10, 20)]
     json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]), open(run / "results.json", "w"))
     out = tmp_path / "fig" / "ch.png"
     code, stdout, _ = run_main(["--plot", str(run), str(run), "--plot_out", str(out)], capsys)
@@ -538,7 +565,7 @@ def test_help_lists_every_knob():
     for f in nf.fields(nf.Config):
         assert f"--{f.name}" in out.stdout
     bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "deg >= 1" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "deg must be >= 1" in bad.stderr
 
 
 def test_presets_cover_every_model_and_yield_to_flags():
@@ -546,8 +573,122 @@ def test_presets_cover_every_model_and_yield_to_flags():
     for name in names:
         for model in ("gpt", "mamba"):
             cfg = nf.parse_config(["--preset", name, "--model", model])
-            nf.check_task(cfg.deg, cfg.path_len, cfg.num_nodes)
+            assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
             assert cfg.preset == name and cfg.model == model
     cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
     assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
     assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
+
+
+# ----------------------------------------------------------------------------- the worked example
+
+
+def test_explain_names_where_the_answer_went_wrong():
+    graph = "5,2|2,8|5,9|9,3|8,7|3,4/5,7=5,2,8,7"  # G(2,4): s = 5, arms 5-2-8-7 and 5-9-3-4, goal 7
+    assert nf.explain(graph, [5, 2, 8, 7]) == "right"
+    # the Clever-Hans picture: the other child of s, then its arm; g itself is copied from the prompt
+    assert nf.explain(graph, [5, 9, 3, 7]) == "wrong arm at n1, then n2 along the edges from there"
+    assert nf.explain(graph, [5, 9, 3, 4]) == "wrong arm at n1, then n2 g along the edges from there"
+    assert nf.explain(graph, [5, 9, 2, 7]) == "wrong arm at n1, n2 too"  # 2 does not follow 9
+    assert nf.explain(graph, [5, 2, 3, 7]) == "wrong at n2"
+    assert nf.explain(graph, [7, 8, 2, 5], reverse=True) == "right"
+    assert nf.explain(graph, [7, 3, 9, 5], reverse=True) == "wrong at n2, then n1 along the edges from there"
+
+
+def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):
+    code, out, _ = run_main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256",
+                             "--n_test", "32", "--batch_size", "32", "--max_iters", "4", "--eval_interval", "2",
+                             "--device", DEVICE, "--out_dir", str(tmp_path)], capsys)
+    final = json.load(open(tmp_path / "results.json"))["final"]
+    graph = final["example"]
+    assert code == 0 and out.count(f"  example   {graph}") == 2
+    (_, path), (_, test_path) = nf.parse_graphs(graph), nf.make_splits(nf.Config(n_train=256, n_test=32))[1]
+    assert np.array_equal(path[0], test_path[0])  # test graph 0, in the original format
+    assert f"  true      {' '.join(map(str, path[0]))}" in out
+    assert f"  model     {' '.join(map(str, final['example_pred']))}   {nf.explain(graph, final['example_pred'])}" in out
+
+
+def test_draw_example(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    assert run_main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "8",
+                     "--batch_size", "32", "--max_iters", "1", "--device", "cpu", "--out_dir", str(run)], capsys)[0] == 0
+    out = tmp_path / "example.png"
+    assert run_main(["--draw", str(run), "--plot_out", str(out)], capsys)[0] == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+# ----------------------------------------------------------------------------- runs that fail loudly
+
+SMALL = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256", "--n_test", "32",
+         "--batch_size", "32", "--warmup_iters", "2", "--dtype", "float32", "--device", DEVICE]
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(SMALL + ["--max_iters", "4", "--out_dir", str(out)], capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    code, stdout, err = run_main(SMALL + ["--resume", str(out / "ckpt.pt"), "--max_iters", "400", "--lr", "1e6",
+                                          "--grad_clip", "0", "--log_interval", "100"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "diverged" in err and "lower --lr" in err and f"--resume {out / 'ckpt.pt'}" in err
+    assert "step    100/" not in stdout  # stopped at the bad step, not at the next progress line
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    calls, real = [], nf.answer_loss
+
+    def interrupted_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nf, "answer_loss", interrupted_at_step_5)
+    out = tmp_path / "run"
+    code, _, err = run_main(SMALL + ["--max_iters", "10", "--eval_interval", "2", "--out_dir", str(out)], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "interrupted at step 4" in err and f"python nanofail.py --resume {out / 'ckpt.pt'}" in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+# ----------------------------------------------------------------------------- notebooks, presets, torchrun
+
+
+def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
+    code = ("import sys; sys.argv = ['ipykernel_launcher', '-f', 'kernel.json']; "
+            f"exec(open({str(HERE / 'nanofail.py')!r}).read(), {{'__name__': '__main__'}}); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "ok\n", "")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("objective", [[], ["teacherless"], ["reverse"]])
+def test_presets_mean_the_same_from_python_and_the_command_line(objective):
+    for name in next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]:
+        for model in ("gpt", "mamba"):
+            cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
+            assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
+    cfg = nf.Config(preset="g23", model="mamba", teacherless=True)
+    assert (cfg.path_len, cfg.max_iters, cfg.n_layer, cfg.teacherless) == (3, 3000, 2, True)
+    assert nf.command(cfg, teacherless=False) == "python nanofail.py --model mamba --preset g23"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no gloo backend for torchrun on the CPU")
+def test_torchrun_two_processes_follow_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 splits each global batch over two processes; DDP averages their
+    gradients, so the weights follow the single-process run, and only rank 0 writes results."""
+    args = [str(HERE / "nanofail.py"), "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "512",
+            "--n_test", "64", "--batch_size", "64", "--max_iters", "6", "--eval_interval", "3", "--dtype",
+            "float32", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                          "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "cpu x 2" in two.stdout and two.stdout.count("eval at step 6") == 1  # rank 0 alone speaks
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "results.json"]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
