@@ -10,8 +10,8 @@ targets (g..s) are easy, and teacherless training (answer inputs replaced by `$`
 
     python nanofail.py                              # G(2,5), next-token: the Clever-Hans signature
     python nanofail.py --reverse                    # the same task, answer reversed: solved
-    python nanofail.py --teacherless                # the way out, on a laptop budget
-    python nanofail.py --preset g25 --teacherless   # teacherless wins on G(2,5) (under an hour on a CPU)
+    python nanofail.py --teacherless                # the way out: what a laptop budget learns
+    python nanofail.py --preset g23 --teacherless   # G(2,3): teacherless wins in ~5 CPU minutes
     python nanofail.py -h                           # every knob
 
 Every part below can be pasted into a notebook: data -> encoding -> objectives -> model ->
@@ -40,14 +40,15 @@ class Stopped(Exception):
     """A run that diverged or was interrupted: one line saying where its checkpoint is, exit status 1."""
 
 # ----------------------------------------------------------------------------- data
-# A path-star graph G(2,5) on N = 50 labels, as one line of the original repository's files
-# (the first test graph of the demo):
+# One path-star graph G(2,5) on N = 50 labels, one line of the original repository's text format
+# (test graph 2 of the demo, seed 1337):
 #
-#     ...EXAMPLE...
+#     35,1|27,35|20,39|39,37|27,6|3,41|1,3|6,20/27,41=27,35,1,3,41
 #
-# Edges u,v (parent -> child) in random order, then '/s,g' and, after '=', the answer s,n1,n2,n3,g.
-# Drawn as arms leaving s:   s -> ... -> g   and   s -> ... (the other arm).
-# Every node but s has one child or none, so once n1 is known the rest is a lookup; n1 is the plan.
+# The edges u,v (parent -> child) in random order, then /s,g and, after '=', the answer s,n1,n2,n3,g.
+# Drawn, the edges are two arms leaving s = 27:   27 -> 35 -> 1 -> 3 -> 41 (the goal g)
+#                                                 27 -> 6 -> 20 -> 39 -> 37
+# Every node but s has one child or none, so once n1 = 35 is chosen the rest is a lookup; n1 is the plan.
 
 def make_graphs(n, deg, path_len, num_nodes, rng):
     """n random path-star graphs. Returns edges (n, E, 2), E = deg * (path_len - 1) parent->child
@@ -242,23 +243,25 @@ def position_names(path_len, reverse=False):
 @torch.no_grad()
 def evaluate(model, seq, prompt_len, teacherless, num_nodes, amp=nullcontext, batch_size=1000):
     """Per-position test accuracy with the training inputs ("forced": the true answer prefix, or '$'
-    tokens when teacherless), exact match of greedy decoding, and the decoded answer of test graph 0.
-    The Clever-Hans signature is forced accuracy ~1/deg on n1 and ~1 on every later node."""
+    tokens when teacherless), exact match of greedy decoding, and one worked example: the decoded
+    answer of the first test graph the model gets wrong (graph 0 if none). The Clever-Hans signature
+    is forced accuracy ~1/deg on n1 and ~1 on every later node."""
     model.eval()
     right = []
     for i in range(0, len(seq), batch_size):
         s = seq[i:i + batch_size]  # (B, P+L)
         with amp():
-            pred = answer_logits(model, s, prompt_len, teacherless, num_nodes).argmax(-1)  # (B, L)
-            if i == 0:  # the worked example: teacherless decoding is this pass; else feed each token back in
-                example = pred[0] if teacherless else model.generate(s[:1, :prompt_len], pred.shape[1])[0]
-        right.append(pred == s[:, prompt_len:])
-    model.train()
+            right.append(answer_logits(model, s, prompt_len, teacherless, num_nodes).argmax(-1) == s[:, prompt_len:])
     right = torch.cat(right)  # (n, L)
     # Greedy decoding is right all the way exactly when every forced prediction is right: each decoded
     # token then sees the true prefix. So exact match needs no decoding, a single pass per graph.
+    k = int((~right.all(1)).float().argmax())  # the first graph with a wrong token, or 0
+    with amp():  # teacherless decoding is the forced pass itself; otherwise each token is fed back in
+        example = answer_logits(model, seq[k:k + 1], prompt_len, True, num_nodes).argmax(-1) if teacherless \
+            else model.generate(seq[k:k + 1, :prompt_len], seq.shape[1] - prompt_len)
+    model.train()
     return dict(test_exact_match=right.all(1).float().mean().item(), forced_token_acc=right.float().mean(0).tolist(),
-                example_pred=example.tolist())
+                example_index=k, example_pred=example[0].tolist())
 
 def explain(graph, pred, reverse=False):
     """Where one decoded answer went wrong, e.g. 'wrong arm at n1, then n2 n3 along the edges from
@@ -278,11 +281,12 @@ def verdict(r, cfg):
     """One line saying what the accuracy pattern means, and what to run next."""
     names, f, exact = position_names(cfg.path_len, cfg.reverse), r["forced_token_acc"], r["test_exact_match"]
     if cfg.teacherless:  # nothing to copy: each learned position was planned from the prompt
+        learned, guessed = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (True, False))
         said = (f"solved, the whole path planned from the prompt (exact {exact:.3f})" if exact >= 0.95 else
-                f"planned from the prompt so far (> 0.9): {' '.join(n for n, a in zip(names, f) if a > 0.9)}; "
-                f"the rest is a guess. It wins with a longer run: {WIN_COMMAND}")
-        return (f"teacherless: {said}. Next-token training with this budget: {command(cfg, teacherless=False)} "
-                f"(on G(2,5) it stops at exact ~ 1/deg: the Clever-Hans cheat).")
+                f"planned from the prompt so far (> 0.9): {learned}; not yet: {guessed}")
+        return (f"teacherless: {said}. Next-token training on this budget: {command(cfg, teacherless=False)} "
+                f"(on G(2,5) it learns the Clever-Hans cheat: exact ~ 1/deg)."
+                + ("" if exact >= 0.95 else f" Teacherless beats it on G(2,3): {WIN_COMMAND}"))
     if exact >= 0.95:
         return "solved: the model finds the path (exact match ~ 1)."
     if not cfg.reverse and f[1] < 1.5 / cfg.deg and min(f[2:], default=1) > 0.9:
@@ -290,15 +294,15 @@ def verdict(r, cfg):
                 f"after s, is a guess among {cfg.deg} arms (~ 1/deg), so exact match ~ 1/deg.")
     return "still learning: neither the Clever-Hans signature nor a solution yet."
 
-def report(r, cfg, graph):
-    """Print an evaluation: accuracy per answer position, the verdict, and one worked example."""
-    names = position_names(cfg.path_len, cfg.reverse)
+def report(r, cfg):
+    """Print an evaluation: accuracy per answer position, the verdict, and the worked example."""
+    names, graph = position_names(cfg.path_len, cfg.reverse), r["example"]
     print(f"  {'position':<10}" + "".join(f"{n:>7}" for n in names))
     print(f"  {'forced':<10}" + "".join(f"{x:>7.3f}" for x in r["forced_token_acc"]) +
           f"   exact match {r['test_exact_match']:.3f}")
     print("  -> " + verdict(r, cfg))
     answer = graph.split("=")[1].split(",")[::-1 if cfg.reverse else 1]
-    print(f"  example   {graph}\n  {'true':<10}{' '.join(answer)}\n  {'model':<10}"
+    print(f"  example   {graph}   (test graph {r['example_index']})\n  {'true':<10}{' '.join(answer)}\n  {'model':<10}"
           f"{' '.join(map(str, r['example_pred']))}   {explain(graph, r['example_pred'], cfg.reverse)}")
 
 # ----------------------------------------------------------------------------- training
@@ -326,7 +330,7 @@ class Config:
     expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1)
     d_conv: int = knob(4, "causal conv kernel (mamba)", min=1)
     # training
-    batch_size: int = knob(256, "graphs per step, over all processes", min=1)
+    batch_size: int = knob(128, "graphs per step, over all processes", min=1)
     lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
     min_lr_frac: float = knob(0.1, "cosine decay ends at lr * min_lr_frac (1: constant after warmup)", min=0)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
@@ -340,17 +344,14 @@ class Config:
     seed: int = knob(1337, "seed for data, init and batches")
     # logging and I/O
     log_interval: int = knob(50, "print a progress line every this many steps", min=1)
-    eval_interval: int = knob(200, "evaluate on the test set every this many steps (0: only at the end)", min=0)
+    eval_interval: int = knob(300, "evaluate on the test set every this many steps (0: only at the end)", min=0)
     out_dir: str = knob("", "write results.json and ckpt.pt here")
     resume: str = knob("", "continue from this ckpt.pt, with its settings (flags given override them)")
     export_data: str = knob("", "write DIR/train.txt and DIR/test.txt in the original format, then exit")
     train_file: str = knob("", "load training graphs from this file (original text format)")
     test_file: str = knob("", "load test graphs from this file (original text format)")
-    plot: tuple = knob((), "plot the learning curves in these run folders' results.json and exit (needs matplotlib)")
-    draw: str = knob("", "draw the worked example of this run folder's last evaluation and exit (needs matplotlib)")
-    plot_out: str = knob("clever_hans.png", "where --plot and --draw write their figure")
     preset: str = knob("quick", "starting values, below any value given: quick (CPU minutes), paper (one "
-                       "GPU), g23 / g25 (CPU, where teacherless wins)", choices=("quick", "paper", "g23", "g25"))
+                       "GPU), g23 (CPU minutes, where teacherless wins)", choices=("quick", "paper", "g23"))
 
     def __post_init__(self):
         # A value given wins, then the preset's for this model, then the default above: so that
@@ -369,12 +370,10 @@ PAPER = dict(n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, max_iters=
              warmup_iters=1_000, eval_interval=5_000, log_interval=500)  # 500 epochs of 200k graphs
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches and more steps show the same signature in a few minutes.
-QUICK_MAMBA = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=2000, eval_interval=250)
+QUICK_MAMBA = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250)
 # G(2,3): the answer is s, n1, g, and n1 = parent(g) is a one-step plan. Teacherless training learns
 # it in ~5 CPU minutes; next-token training still guesses n1.
-G23 = dict(path_len=3, n_train=200_000, max_iters=3000, eval_interval=250)
-# G(2,5), the paper's graph: ...
-G25 = dict(n_train=200_000, batch_size=64, min_lr_frac=1.0, max_iters=40_000, eval_interval=1000, log_interval=500)
+G23 = dict(path_len=3, n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250)
 PRESETS = {
     ("quick", "gpt"): {},  # the defaults above: a 2-core laptop CPU shows the Clever-Hans signature in minutes
     ("quick", "mamba"): QUICK_MAMBA,
@@ -382,10 +381,8 @@ PRESETS = {
     ("paper", "mamba"): dict(PAPER, n_layer=12, n_embd=384),
     ("g23", "gpt"): G23,
     ("g23", "mamba"): dict(QUICK_MAMBA, **G23),
-    ("g25", "gpt"): G25,
-    ("g25", "mamba"): dict(QUICK_MAMBA, **G25),
 }
-WIN_COMMAND = "python nanofail.py --preset g25 --teacherless"
+WIN_COMMAND = "python nanofail.py --preset g23 --teacherless"  # GPT, G(2,3): ~5 CPU minutes
 
 def command(cfg, **change):
     """The command line that runs cfg with `change` applied: the flags that differ from its preset."""
@@ -496,7 +493,6 @@ def train(cfg):
     L, N = cfg.path_len, cfg.num_nodes
     (train_seq, P), (test_seq, _) = encode(tr_edges, tr_path, N, cfg.reverse), encode(te_edges, te_path, N, cfg.reverse)
     train_seq, test_seq = torch.from_numpy(train_seq).to(device), torch.from_numpy(test_seq).to(device)
-    example = decode(encode(te_edges[:1], te_path[:1], N)[0], N)[0]  # test graph 0, shown at every evaluation
     # model and optimizer, fresh or from a checkpoint
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, vocab_size=N + 4, block_size=P + L - 1).to(device)
@@ -563,11 +559,12 @@ def train(cfg):
                     f"ETA {(cfg.max_iters - step) / its / 60:.1f} min", flush=True)
             # evaluate, report, save
             if do_eval and rank == 0:
-                r = dict(step=step, train_loss=train_loss.item(), example=example,
-                         **evaluate(raw, test_seq, P, cfg.teacherless, N, amp))
+                r = dict(step=step, train_loss=train_loss.item(), **evaluate(raw, test_seq, P, cfg.teacherless, N, amp))
+                k = r["example_index"]  # the worked example, in the original text format
+                r["example"] = decode(encode(te_edges[k:k + 1], te_path[k:k + 1], N)[0], N)[0]
                 history.append(r)
                 log(f"eval at step {step}:")
-                report(r, cfg, example)
+                report(r, cfg)
                 if cfg.out_dir:
                     saved = os.path.join(cfg.out_dir, "ckpt.pt")
                     atomic_save(dict(config=asdict(cfg), history=history, final=r), os.path.join(cfg.out_dir, "results.json"))
@@ -593,86 +590,6 @@ def atomic_save(obj, path):
         json.dump(obj, f, indent=1) if path.endswith(".json") else torch.save(obj, f)
     os.replace(path + ".tmp", path)
 
-# ----------------------------------------------------------------------------- figures
-
-def subplots(*args, **kwargs):
-    """plt.subplots, with matplotlib imported only here: training does not need it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot and --draw need matplotlib, which training does not: pip install matplotlib")
-    return plt.subplots(*args, **kwargs)
-
-def read_results(run_dir):
-    try:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            res = json.load(f)
-        return Config(**res["config"]), res["history"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot read {run_dir}/results.json ({type(e).__name__}): pass --out_dir folders")
-
-def save_figure(fig, out_path):
-    make_dir(os.path.dirname(out_path) or ".", "plot_out")
-    fig.savefig(out_path, dpi=110)
-    print(f"wrote {out_path}")
-
-def plot_runs(run_dirs, out_path):
-    """The paper's learning-dynamics picture, one panel per run: accuracy of every answer position
-    over training (forced = with the objective's own inputs), and exact match of greedy decoding."""
-    cols = min(3, len(run_dirs))
-    rows = -(-len(run_dirs) // cols)
-    fig, axes = subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(run_dirs):]:
-        ax.axis("off")
-    for ax, run_dir in zip(axes.flat, run_dirs):
-        cfg, hist = read_results(run_dir)
-        steps = [h["step"] for h in hist]
-        for i, name in enumerate(position_names(cfg.path_len, cfg.reverse)):
-            # a node keeps its colour on every graph, in either order: s, n1, n2, n3, g = C0..C4, n4+ skip C4
-            k = 0 if name == "s" else 4 if name == "g" else int(name[1:]) + (int(name[1:]) >= 4)
-            ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", color=f"C{k}", label=f"forced {name}")
-        ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
-        ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
-        objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
-        ax.set(title=f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})", xlabel="step", ylim=(-0.02, 1.02))
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    save_figure(fig, out_path)
-
-def draw_example(run_dir, out_path):
-    """The worked example of a run's last evaluation as a picture: s on the left, one row per arm,
-    the true path s..g in green, the model's answer in red where it differs."""
-    cfg, hist = read_results(run_dir)
-    graph, pred = hist[-1]["example"], hist[-1]["example_pred"]
-    edges, path = (a[0].tolist() for a in parse_graphs(graph))
-    child, s, g = dict(edges), path[0], path[-1]
-    pos = {s: (0, 0)}
-    for row, node in enumerate(v for u, v in edges if u == s):  # walk each arm out from s
-        for x in range(1, cfg.path_len):
-            pos[node], node = (x, row - (cfg.deg - 1) / 2), child.get(node)
-    fig, ax = subplots(figsize=(1.3 * cfg.path_len + 1, 0.8 * cfg.deg + 1.6))
-    answer = pred[::-1] if cfg.reverse else pred
-    for nodes, style in ((path, dict(color="green", lw=6, alpha=0.4, label="true path")),
-                         (answer, dict(color="red", lw=2, ls="--", label="model"))):
-        xy = np.array([pos.get(n, (np.nan, np.nan)) for n in nodes], dtype=float)
-        ax.plot(xy[:, 0], xy[:, 1], zorder=1, **style)
-    for u, v in edges:
-        ax.annotate("", pos[v], pos[u], arrowprops=dict(arrowstyle="->", color="gray", shrinkA=12, shrinkB=12))
-    for node, (x, y) in pos.items():
-        ax.text(x, y, str(node), ha="center", va="center", zorder=3, bbox=dict(
-            boxstyle="circle", fc="white", ec="green" if node in (s, g) else "black", lw=2 if node in (s, g) else 1))
-    ax.text(0, -0.45, "s", ha="center", va="top")
-    ax.text(*pos[g], "\n\n\ngoal", ha="center", va="top")
-    ax.set_title(f"{graph}\nmodel: {' '.join(map(str, pred))} ({explain(graph, pred, cfg.reverse)})", fontsize=8)
-    ax.set(xlim=(-0.6, cfg.path_len - 0.4), ylim=(-cfg.deg / 2 - 0.4, cfg.deg / 2))
-    ax.axis("off")
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
-    save_figure(fig, out_path)
-
 # ----------------------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
@@ -688,14 +605,13 @@ def parse_config(argv=None):
         h = f"{f.metadata['help']} (default: {f.metadata['default']})"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=h)
-        elif f.type is tuple:
-            p.add_argument(f"--{f.name}", nargs="+", metavar="RUN_DIR", help=h)
         else:
             p.add_argument(f"--{f.name}", type=f.type, help=h, choices=f.metadata.get("choices"))
     given = vars(p.parse_args(argv))
     if "resume" not in given:
         return Config(**given)
-    saved = load_checkpoint(given["resume"])["config"]  # its settings, below the flags given now
+    names = {f.name for f in fields(Config)}  # a checkpoint of an older version may have other knobs
+    saved = {k: v for k, v in load_checkpoint(given["resume"])["config"].items() if k in names}
     clash = [f"--{k} {saved[k]}" for k in ("model", "n_layer", "n_embd", "n_head", "d_state", "expand", "d_conv",
                                            "deg", "path_len", "num_nodes") if given.get(k, saved[k]) != saved[k]]
     if clash:
@@ -721,10 +637,6 @@ def make_dir(path, flag):
 def main(argv=None):
     with reported():
         cfg = parse_config(argv)
-        if cfg.plot:
-            return plot_runs(cfg.plot, cfg.plot_out)
-        if cfg.draw:
-            return draw_example(cfg.draw, cfg.plot_out)
         if cfg.export_data:  # the splits in the original format, DIR/train.txt and DIR/test.txt
             (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
             make_dir(cfg.export_data, "export_data")

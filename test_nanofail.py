@@ -16,6 +16,8 @@ import nanofail as nf
 from mamba_min import Mamba, selective_scan
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "assets"))
+import figures  # noqa: E402  (assets/figures.py, the README's figures)
 SHARED = HERE.parent / "shared" / "ntf-data"
 # NANOFAIL_TEST_DEVICE=cuda (or mps) runs the device-relevant tests there; the default is the CPU.
 DEVICE = os.environ.get("NANOFAIL_TEST_DEVICE", "cpu")
@@ -231,7 +233,9 @@ def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
     decoded = net.generate(seq[:, :P], seq.shape[1] - P)
     exact = (decoded == seq[:, P:]).all(1).float().mean().item()
     assert 0 < exact < 1 and r["test_exact_match"] == pytest.approx(exact)
-    assert r["example_pred"] == decoded[0].tolist()
+    k = r["example_index"]  # the first graph decoded wrong
+    assert (decoded[:k] == seq[:k, P:]).all() and not (decoded[k] == seq[k, P:]).all()
+    assert r["example_pred"] == decoded[k].tolist()
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
@@ -540,23 +544,34 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     assert code == 2 and "--n_embd 32" in err and (good / "ckpt.pt").read_bytes() == before
 
 
-def test_plot_from_results(tmp_path, capsys):
+def run_figures(argv, capsys):
+    """Run assets/figures.py in-process; return (exit code, stdout, stderr)."""
+    try:
+        figures.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_learning_curves_from_results(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     run.mkdir()
     hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1]) for s in (10, 20)]
     json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]), open(run / "results.json", "w"))
     out = tmp_path / "fig" / "ch.png"
-    code, stdout, _ = run_main(["--plot", str(run), str(run), "--plot_out", str(out)], capsys)
+    code, stdout, _ = run_figures(["--curves", str(run), str(run), "--out", str(out)], capsys)
     assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
-    code, _, err = run_main(["--plot", str(tmp_path), "--plot_out", str(out)], capsys)
+    code, _, err = run_figures(["--curves", str(tmp_path), "--out", str(out)], capsys)
     assert code == 2 and "results.json" in err and len(err.strip().splitlines()) == 1
 
 
-def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    code, _, err = run_main(["--plot", str(tmp_path)], capsys)
-    assert code == 2 and "pip install matplotlib" in err
+    code, _, err = run_figures(["--curves", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_lists_every_knob():
@@ -600,10 +615,10 @@ def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):
                              "--n_test", "32", "--batch_size", "32", "--max_iters", "4", "--eval_interval", "2",
                              "--device", DEVICE, "--out_dir", str(tmp_path)], capsys)
     final = json.load(open(tmp_path / "results.json"))["final"]
-    graph = final["example"]
-    assert code == 0 and out.count(f"  example   {graph}") == 2
+    graph, k = final["example"], final["example_index"]
+    assert code == 0 and out.count(f"  example   {graph}   (test graph {k})") == 2
     (_, path), (_, test_path) = nf.parse_graphs(graph), nf.make_splits(nf.Config(n_train=256, n_test=32))[1]
-    assert np.array_equal(path[0], test_path[0])  # test graph 0, in the original format
+    assert np.array_equal(path[0], test_path[k])  # that test graph, in the original format
     assert f"  true      {' '.join(map(str, path[0]))}" in out
     assert f"  model     {' '.join(map(str, final['example_pred']))}   {nf.explain(graph, final['example_pred'])}" in out
 
@@ -614,7 +629,7 @@ def test_draw_example(tmp_path, capsys):
     assert run_main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "8",
                      "--batch_size", "32", "--max_iters", "1", "--device", "cpu", "--out_dir", str(run)], capsys)[0] == 0
     out = tmp_path / "example.png"
-    assert run_main(["--draw", str(run), "--plot_out", str(out)], capsys)[0] == 0
+    assert run_figures(["--example", str(run), "--out", str(out)], capsys)[0] == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 # ----------------------------------------------------------------------------- runs that fail loudly

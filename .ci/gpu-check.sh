@@ -39,13 +39,15 @@ run() {  # name, then nanofail flags
     echo "$name exit $?" >> "$OUT/logs/exits.txt" ) &
 }
 BIG="--n_train 200000 --max_iters 20000 --eval_interval 1000 --log_interval 500"
+# G(2,5) teacherless on a 2M-graph stream at a constant learning rate: still flat after 1.25M graphs on a CPU
+LONG="--n_train 2000000 --batch_size 64 --min_lr_frac 1 --max_iters 200000 --eval_interval 2000 --log_interval 1000"
+run gpt-g25-teacherless-long --teacherless $LONG
+run gpt-g25-next-long $LONG
 run gpt-g25-teacherless --teacherless $BIG
-run gpt-g25-next $BIG
 run gpt-g55-teacherless --deg 5 --teacherless $BIG
 run gpt-g55-next --deg 5 $BIG
 run gpt-g205-next --deg 20 --num_nodes 100 $BIG
-run mamba-g25-teacherless --model mamba --teacherless --n_train 200000 --max_iters 10000 --eval_interval 1000 --log_interval 500
-run mamba-g25-next --model mamba --n_train 200000 --max_iters 10000 --eval_interval 1000 --log_interval 500
+run mamba-g24-teacherless --model mamba --path_len 4 --teacherless --n_train 200000 --min_lr_frac 1 --max_iters 30000 --eval_interval 1000 --log_interval 500
 run paper-g25-teacherless --preset paper --teacherless --eval_interval 1000 --log_interval 500
 wait
 cat "$OUT/logs/exits.txt" >> "$OUT/summary.txt"
