@@ -627,6 +627,9 @@ def reported():
     except (UsageError, OSError, Stopped) as e:
         print(f"nanofail: {'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, Stopped) else 2)
+    except KeyboardInterrupt:  # before training started (train() reports its own)
+        print("nanofail: stopped: interrupted", file=sys.stderr)
+        sys.exit(1)
 
 def make_dir(path, flag):
     try:

@@ -700,6 +700,8 @@ def test_torchrun_two_processes_follow_one_process(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
                           "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
+    if two.returncode and "params on" not in two.stdout:  # torchrun itself did not get the processes going
+        pytest.skip(f"torchrun could not start here: {(two.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert "cpu x 2" in two.stdout and two.stdout.count("eval at step 6") == 1  # rank 0 alone speaks
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "results.json"]
