@@ -61,6 +61,7 @@ def plot_curves(run_dirs, out_path):
             ax.plot(steps, [h["forced_token_acc"][i] for h in hist], marker=".", color=f"C{k}", label=f"forced {name}")
         ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
         ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
+        ax.locator_params(axis="x", nbins=5)
         objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
         ax.set(title=f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})\n{cfg.n_layer} x {cfg.n_embd}, batch "
                f"{cfg.batch_size}, lr {cfg.lr:g}, {cfg.n_train:,} graphs", xlabel="step", ylim=(-0.02, 1.02))
