@@ -65,9 +65,9 @@ def prompt_keys(edges, path):
     """One hashable key per graph prompt (edge list, s, g): train and test prompts must not meet."""
     return [r.tobytes() for r in np.concatenate([edges.reshape(len(edges), -1), path[:, [0, -1]]], 1)]
 
-def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid=()):
+def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid):
     """n graphs whose prompts are not among the prompts of `avoid` (the test set)."""
-    seen, parts, have = set(prompt_keys(*avoid)) if len(avoid) else set(), [], 0
+    seen, parts, have = set(prompt_keys(*avoid)), [], 0
     for _ in range(100):  # draw again for the few that collide
         edges, path = make_graphs(n - have, deg, path_len, num_nodes, rng)
         keep = np.array([k not in seen for k in prompt_keys(edges, path)])
@@ -230,7 +230,10 @@ class GPT(nn.Module):
 
 def build_model(cfg, vocab_size, block_size):
     if cfg.model == "mamba":
-        from mamba_min import Mamba
+        try:
+            from mamba_min import Mamba
+        except ImportError as e:
+            raise UsageError(f"--model mamba needs mamba_min.py next to nanofail.py ({e})")
         return Mamba(vocab_size, cfg.n_layer, cfg.n_embd, cfg.d_state, cfg.expand, cfg.d_conv)
     return GPT(vocab_size, block_size, cfg.n_layer, cfg.n_embd, cfg.n_head)
 
@@ -383,6 +386,10 @@ PRESETS = {
     ("g23", "mamba"): dict(QUICK_MAMBA, **G23),
 }
 WIN_COMMAND = "python nanofail.py --preset g23 --teacherless"  # GPT, G(2,3): ~5 CPU minutes
+
+def known_knobs(saved):
+    """A config dict saved by this or an older version, without the knobs Config no longer has."""
+    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
 
 def command(cfg, **change):
     """The command line that runs cfg with `change` applied: the flags that differ from its preset."""
@@ -610,8 +617,7 @@ def parse_config(argv=None):
     given = vars(p.parse_args(argv))
     if "resume" not in given:
         return Config(**given)
-    names = {f.name for f in fields(Config)}  # a checkpoint of an older version may have other knobs
-    saved = {k: v for k, v in load_checkpoint(given["resume"])["config"].items() if k in names}
+    saved = known_knobs(load_checkpoint(given["resume"])["config"])
     clash = [f"--{k} {saved[k]}" for k in ("model", "n_layer", "n_embd", "n_head", "d_state", "expand", "d_conv",
                                            "deg", "path_len", "num_nodes") if given.get(k, saved[k]) != saved[k]]
     if clash:

@@ -32,8 +32,7 @@ def read_results(run_dir):
     try:
         with open(os.path.join(run_dir, "results.json")) as f:
             res = json.load(f)
-        names = {field.name for field in nf.fields(nf.Config)}  # an older version may have had other knobs
-        return nf.Config(**{k: v for k, v in res["config"].items() if k in names}), res["history"]
+        return nf.Config(**nf.known_knobs(res["config"])), res["history"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise nf.UsageError(f"cannot read {run_dir}/results.json ({type(e).__name__}): pass --out_dir folders")
 
