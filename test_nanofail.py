@@ -568,6 +568,13 @@ def test_learning_curves_from_results(tmp_path, capsys):
     assert code == 2 and "results.json" in err and len(err.strip().splitlines()) == 1
 
 
+def test_panel_titles_name_the_settings_and_where_a_run_started():
+    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, resume="runs/rev/ckpt.pt")
+    assert figures.panel_title(cfg, "runs/tl") == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, 50,000 "
+                                                   "graphs\nlr 0.001 constant, weight decay 0.1\nstarted from runs/rev")
+    assert "started" not in figures.panel_title(cfg, "runs/rev/")  # a run continued from its own checkpoint
+
+
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     code, _, err = run_figures(["--curves", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
@@ -608,6 +615,21 @@ def test_explain_names_where_the_answer_went_wrong():
     assert nf.explain(graph, [5, 2, 3, 7]) == "wrong at n2"
     assert nf.explain(graph, [7, 8, 2, 5], reverse=True) == "right"
     assert nf.explain(graph, [7, 3, 9, 5], reverse=True) == "wrong at n2, then n1 along the edges from there"
+
+
+def test_verdicts_read_the_accuracy_pattern():
+    r = dict(forced_token_acc=[1.0, 0.51, 1.0, 1.0, 1.0], test_exact_match=0.51)
+    assert nf.verdict(r, nf.Config()).startswith("Clever Hans: ")
+    assert nf.verdict(dict(r, test_exact_match=0.97), nf.Config(reverse=True)).startswith("solved")
+    r = dict(forced_token_acc=[1.0, 0.17, 0.16, 0.98, 1.0], test_exact_match=0.0)
+    gpt, mamba = (nf.verdict(r, nf.Config(model=m, teacherless=True)) for m in ("gpt", "mamba"))
+    assert "so far (> 0.9): s n3 g; not yet: n1 n2." in gpt
+    assert "Next-token training on this budget: python nanofail.py (at the default budget: the Clever-Hans" in gpt
+    assert f"Teacherless GPT beats next-token GPT on G(2,3): {nf.WIN_COMMAND}" in gpt
+    assert "python nanofail.py --model mamba (at the default budget: the Clever-Hans cheat" in mamba
+    assert "No teacherless Mamba win measured yet" in mamba and "GPT beats" not in mamba
+    r = dict(forced_token_acc=[0.2] * 5, test_exact_match=0.0)
+    assert "so far (> 0.9): nothing; not yet: s n1 n2 n3 g." in nf.verdict(r, nf.Config(teacherless=True))
 
 
 def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):

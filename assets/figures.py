@@ -43,6 +43,19 @@ def save(fig, out_path):
     print(f"wrote {out_path}")
 
 
+def panel_title(cfg, run_dir):
+    """The run's model, objective and task, and the settings that shape its curve."""
+    objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+    heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != 4 else ""
+    lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})",
+             f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
+             f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, weight decay {cfg.weight_decay:g}"]
+    start = os.path.dirname(cfg.resume)
+    if start and os.path.abspath(start) != os.path.abspath(run_dir):  # continued from another run's checkpoint
+        lines.append(f"started from {start}")
+    return "\n".join(lines)
+
+
 def plot_curves(run_dirs, out_path):
     """One panel per run: the test accuracy of every answer position with the training inputs
     (forced) over training, and the exact match of greedy decoding (dashed)."""
@@ -61,9 +74,7 @@ def plot_curves(run_dirs, out_path):
         ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
         ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
         ax.locator_params(axis="x", nbins=5)
-        objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
-        ax.set(title=f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})\n{cfg.n_layer} x {cfg.n_embd}, batch "
-               f"{cfg.batch_size}, lr {cfg.lr:g}, {cfg.n_train:,} graphs", xlabel="step", ylim=(-0.02, 1.02))
+        ax.set(title=panel_title(cfg, run_dir), xlabel="step", ylim=(-0.02, 1.02))
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     axes[0][0].legend(fontsize=7, loc="center right")
