@@ -287,11 +287,12 @@ def verdict(r, cfg):
         learned, guessed = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (True, False))
         said = (f"solved, the whole path planned from the prompt (exact {exact:.3f})" if exact >= 0.95 else
                 f"planned from the prompt so far (> 0.9): {learned or 'nothing'}; not yet: {guessed}")
-        control = f"Next-token training on this budget: {command(cfg, teacherless=False)}" + (
-            " (at the default budget: the Clever-Hans cheat, exact ~ 1/deg)." if (cfg.deg, cfg.path_len) == (2, 5) else ".")
-        win = ("" if exact >= 0.95 else f" Teacherless GPT beats next-token GPT on G(2,3): {WIN_COMMAND}" if
-               cfg.model == "gpt" else f" No teacherless Mamba win measured yet; the GPT one: {WIN_COMMAND}")
-        return f"teacherless: {said}. {control}{win}"
+        measured = (" (at the default budget: the Clever-Hans cheat, exact ~ 1/deg)"
+                    if (cfg.deg, cfg.path_len) == (2, 5) else "")
+        win = (f"Teacherless GPT beats next-token GPT on G(2,3): {WIN_COMMAND}" if cfg.model == "gpt" else
+               f"No teacherless Mamba win measured yet; the GPT one: {WIN_COMMAND}")
+        return (f"teacherless: {said}. Next-token training on this budget: {command(cfg, teacherless=False)}{measured}."
+                + ("" if exact >= 0.95 else f" {win}"))
     if exact >= 0.95:
         return "solved: the model finds the path (exact match ~ 1)."
     if not cfg.reverse and f[1] < 1.5 / cfg.deg and min(f[2:], default=1) > 0.9:

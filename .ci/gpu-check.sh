@@ -33,10 +33,13 @@ done
 
 say "== science runs side by side on the one GPU (each stops by itself at its time limit)"
 LEFT=$(( 530 - (SECONDS - T0) )); [ "$LEFT" -lt 120 ] && LEFT=120
+start() {  # name, then a command: runs in the background until LEFT, logged as logs/name.log
+  local name=$1; shift
+  ( timeout "$LEFT" "$@" > "$OUT/logs/$name.log" 2>&1; echo "$name exit $?" >> "$OUT/logs/exits.txt" ) &
+}
 run() {  # name, then nanofail flags
   local name=$1; shift
-  ( timeout "$LEFT" python3 nanofail.py "$@" --out_dir "$OUT/runs/$name" > "$OUT/logs/$name.log" 2>&1
-    echo "$name exit $?" >> "$OUT/logs/exits.txt" ) &
+  start "$name" python3 nanofail.py "$@" --out_dir "$OUT/runs/$name"
 }
 BIG="--n_train 200000 --max_iters 20000 --eval_interval 1000 --log_interval 500"
 # G(2,5) teacherless on a 2M-graph stream at a constant learning rate: still flat after 1.25M graphs on a CPU
@@ -46,10 +49,10 @@ run gpt-g25-next-long $LONG
 # the same at batch 256, constant lr: flat for 5000 steps on a CPU
 run gpt-g25-teacherless-b256 --teacherless --n_train 200000 --batch_size 256 --min_lr_frac 1 --max_iters 60000 --eval_interval 2000 --log_interval 1000
 # teacherless from 600 steps of reversed targets: n3 = parent(g) within 650 steps on a CPU, then the next plateau
-( timeout "$LEFT" sh -c "python3 nanofail.py --reverse --n_train 200000 --batch_size 256 --min_lr_frac 1 --max_iters 600 \
-    --eval_interval 600 --out_dir $OUT/runs/gpt-g25-rev600 && python3 nanofail.py --resume $OUT/runs/gpt-g25-rev600/ckpt.pt \
-    --no-reverse --teacherless --max_iters 60000 --eval_interval 2000 --log_interval 1000 --out_dir $OUT/runs/gpt-g25-rev600-teacherless" \
-    > "$OUT/logs/gpt-g25-rev600-teacherless.log" 2>&1; echo "gpt-g25-rev600-teacherless exit $?" >> "$OUT/logs/exits.txt" ) &
+start gpt-g25-rev600-teacherless sh -c "python3 nanofail.py --reverse --n_train 200000 --batch_size 256 --min_lr_frac 1 \
+  --max_iters 600 --eval_interval 600 --out_dir $OUT/runs/gpt-g25-rev600 && python3 nanofail.py --resume \
+  $OUT/runs/gpt-g25-rev600/ckpt.pt --no-reverse --teacherless --max_iters 60000 --eval_interval 2000 --log_interval 1000 \
+  --out_dir $OUT/runs/gpt-g25-rev600-teacherless"
 run gpt-g55-teacherless --deg 5 --teacherless $BIG
 run gpt-g55-next --deg 5 $BIG
 run gpt-g205-next --deg 20 --num_nodes 100 $BIG

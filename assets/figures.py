@@ -46,7 +46,8 @@ def save(fig, out_path):
 def panel_title(cfg, run_dir):
     """The run's model, objective and task, and the settings that shape its curve."""
     objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
-    heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != 4 else ""
+    preset = nf.Config(preset=cfg.preset, model=cfg.model)  # heads are named only where they differ from it
+    heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
     lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, weight decay {cfg.weight_decay:g}"]
