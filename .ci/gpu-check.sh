@@ -46,8 +46,8 @@ BIG="--n_train 200000 --max_iters 20000 --eval_interval 1000 --log_interval 500"
 LONG="--n_train 2000000 --batch_size 64 --min_lr_frac 1 --max_iters 200000 --eval_interval 2000 --log_interval 1000"
 run gpt-g25-teacherless-long --teacherless $LONG
 run gpt-g25-next-long $LONG
-# the same at batch 256, constant lr: flat for 5000 steps on a CPU
-run gpt-g25-teacherless-b256 --teacherless --n_train 200000 --batch_size 256 --min_lr_frac 1 --max_iters 60000 --eval_interval 2000 --log_interval 1000
+# batch 256, constant lr 5e-4: on a CPU it left the plateau at step ~6000, exact 0.275 at 12,000 and rising
+run gpt-g25-teacherless-lr5e-4 --teacherless --n_train 200000 --batch_size 256 --lr 5e-4 --min_lr_frac 1 --max_iters 60000 --eval_interval 2000 --log_interval 1000
 # teacherless from 600 steps of reversed targets: n3 = parent(g) within 650 steps on a CPU, then the next plateau
 start gpt-g25-rev600-teacherless sh -c "python3 nanofail.py --reverse --n_train 200000 --batch_size 256 --min_lr_frac 1 \
   --max_iters 600 --eval_interval 600 --out_dir $OUT/runs/gpt-g25-rev600 && python3 nanofail.py --resume \
