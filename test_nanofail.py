@@ -569,10 +569,12 @@ def test_learning_curves_from_results(tmp_path, capsys):
 
 
 def test_panel_titles_name_the_settings_and_where_a_run_started():
-    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, resume="runs/rev/ckpt.pt")
-    assert figures.panel_title(cfg, "runs/tl") == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, 50,000 "
+    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, resume="runs/rev/ckpt.pt",
+                    out_dir="runs/tl")
+    assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, 50,000 "
                                                    "graphs\nlr 0.001 constant, weight decay 0.1\nstarted from runs/rev")
-    assert "started" not in figures.panel_title(cfg, "runs/rev/")  # a run continued from its own checkpoint
+    cfg.out_dir = "runs/rev/"  # a run continued from its own checkpoint
+    assert "started" not in figures.panel_title(cfg)
 
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):

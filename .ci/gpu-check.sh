@@ -46,8 +46,12 @@ BIG="--n_train 200000 --max_iters 20000 --eval_interval 1000 --log_interval 500"
 LONG="--n_train 2000000 --batch_size 64 --min_lr_frac 1 --max_iters 200000 --eval_interval 2000 --log_interval 1000"
 run gpt-g25-teacherless-long --teacherless $LONG
 run gpt-g25-next-long $LONG
-# batch 256, constant lr 5e-4: on a CPU it left the plateau at step ~6000, exact 0.275 at 12,000 and rising
-run gpt-g25-teacherless-lr5e-4 --teacherless --n_train 200000 --batch_size 256 --lr 5e-4 --min_lr_frac 1 --max_iters 60000 --eval_interval 2000 --log_interval 1000
+# batch 256, constant lr 5e-4: on a CPU both seeds left the first plateau by step 6000; at 30,000 steps
+# seed 1337 had exact 0.827 (n1 still climbing), seed 2 0.310 (stuck on n2 = parent(n3))
+TL5="--n_train 200000 --batch_size 256 --lr 5e-4 --min_lr_frac 1 --max_iters 60000 --eval_interval 2000 --log_interval 1000"
+run gpt-g25-teacherless-lr5e-4 --teacherless $TL5
+run gpt-g25-teacherless-lr5e-4-s2 --teacherless $TL5 --seed 2
+run gpt-g25-next-lr5e-4 $TL5
 # teacherless from 600 steps of reversed targets: n3 = parent(g) within 650 steps on a CPU, then the next plateau
 start gpt-g25-rev600-teacherless sh -c "python3 nanofail.py --reverse --n_train 200000 --batch_size 256 --min_lr_frac 1 \
   --max_iters 600 --eval_interval 600 --out_dir $OUT/runs/gpt-g25-rev600 && python3 nanofail.py --resume \

@@ -43,16 +43,17 @@ def save(fig, out_path):
     print(f"wrote {out_path}")
 
 
-def panel_title(cfg, run_dir):
+def panel_title(cfg):
     """The run's model, objective and task, and the settings that shape its curve."""
     objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
     preset = nf.Config(preset=cfg.preset, model=cfg.model)  # heads are named only where they differ from it
     heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
-    lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len})",
+    seed = f", seed {cfg.seed}" if cfg.seed != nf.Config().seed else ""
+    lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, weight decay {cfg.weight_decay:g}"]
-    start = os.path.dirname(cfg.resume)
-    if start and os.path.abspath(start) != os.path.abspath(run_dir):  # continued from another run's checkpoint
+    start = os.path.dirname(cfg.resume)  # compared with out_dir, so that a copied results.json reads the same
+    if start and os.path.abspath(start) != os.path.abspath(cfg.out_dir):  # continued from another run's checkpoint
         lines.append(f"started from {start}")
     return "\n".join(lines)
 
@@ -75,7 +76,7 @@ def plot_curves(run_dirs, out_path):
         ax.plot(steps, [h["test_exact_match"] for h in hist], "k--", lw=2, label="exact match")
         ax.axhline(1 / cfg.deg, color="gray", ls=":", lw=1)
         ax.locator_params(axis="x", nbins=5)
-        ax.set(title=panel_title(cfg, run_dir), xlabel="step", ylim=(-0.02, 1.02))
+        ax.set(title=panel_title(cfg), xlabel="step", ylim=(-0.02, 1.02))
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     axes[0][0].legend(fontsize=7, loc="center right")
