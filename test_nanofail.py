@@ -572,9 +572,10 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, resume="runs/rev/ckpt.pt",
                     out_dir="runs/tl")
     assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, 50,000 "
-                                                   "graphs\nlr 0.001 constant, weight decay 0.1\nstarted from runs/rev")
-    cfg.out_dir = "runs/rev/"  # a run continued from its own checkpoint
+                                        "graphs\nlr 0.001 constant, weight decay 0.1\nstarted from runs/rev")
+    cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
+    assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), seed 2\n")
 
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):

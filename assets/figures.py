@@ -46,9 +46,9 @@ def save(fig, out_path):
 def panel_title(cfg):
     """The run's model, objective and task, and the settings that shape its curve."""
     objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
-    preset = nf.Config(preset=cfg.preset, model=cfg.model)  # heads are named only where they differ from it
+    preset = nf.Config(preset=cfg.preset, model=cfg.model)  # heads and seed are named only where they differ from it
     heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
-    seed = f", seed {cfg.seed}" if cfg.seed != nf.Config().seed else ""
+    seed = f", seed {cfg.seed}" if cfg.seed != preset.seed else ""
     lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, weight decay {cfg.weight_decay:g}"]
