@@ -595,11 +595,14 @@ def test_help_lists_every_knob():
 
 def test_presets_cover_every_model_and_yield_to_flags():
     names = next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]
-    for name in names:
-        for model in ("gpt", "mamba"):
-            cfg = nf.parse_config(["--preset", name, "--model", model])
-            assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
-            assert cfg.preset == name and cfg.model == model
+    assert {name for name, _ in nf.PRESETS} == set(names)
+    assert all((name, "gpt") in nf.PRESETS for name in names)
+    for name, model in nf.PRESETS:
+        cfg = nf.parse_config(["--preset", name, "--model", model])
+        assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
+        assert cfg.preset == name and cfg.model == model
+    with pytest.raises(nf.UsageError, match="no preset 'g25' for model 'mamba'"):
+        nf.parse_config(["--preset", "g25", "--model", "mamba"])
     cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
     assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
     assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
@@ -628,9 +631,12 @@ def test_verdicts_read_the_accuracy_pattern():
     gpt, mamba = (nf.verdict(r, nf.Config(model=m, teacherless=True)) for m in ("gpt", "mamba"))
     assert "so far (> 0.9): s n3 g; not yet: n1 n2." in gpt
     assert "Next-token training on this budget: python nanofail.py (at the default budget: the Clever-Hans" in gpt
-    assert f"Teacherless GPT beats next-token GPT on G(2,3): {nf.WIN_COMMAND}" in gpt
+    assert f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 CPU hour: {nf.WIN_COMMANDS[0]}" in gpt
+    assert f"on G(2,3) in minutes: {nf.WIN_COMMANDS[1]}" in gpt
     assert "python nanofail.py --model mamba (at the default budget: the Clever-Hans cheat" in mamba
-    assert "No teacherless Mamba win measured yet" in mamba and "GPT beats" not in mamba
+    assert "No teacherless Mamba win measured yet. Teacherless GPT beats" in mamba
+    for win in nf.WIN_COMMANDS:  # each names a preset that parses, with teacherless on
+        assert nf.parse_config(win.split()[2:]).teacherless
     r = dict(forced_token_acc=[0.2] * 5, test_exact_match=0.0)
     assert "so far (> 0.9): nothing; not yet: s n1 n2 n3 g." in nf.verdict(r, nf.Config(teacherless=True))
 
@@ -704,10 +710,9 @@ def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
 
 @pytest.mark.parametrize("objective", [[], ["teacherless"], ["reverse"]])
 def test_presets_mean_the_same_from_python_and_the_command_line(objective):
-    for name in next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]:
-        for model in ("gpt", "mamba"):
-            cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
-            assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
+    for name, model in nf.PRESETS:
+        cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
+        assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
     cfg = nf.Config(preset="g23", model="mamba", teacherless=True)
     assert (cfg.path_len, cfg.max_iters, cfg.n_layer, cfg.teacherless) == (3, 3000, 2, True)
     assert nf.command(cfg, teacherless=False) == "python nanofail.py --model mamba --preset g23"
