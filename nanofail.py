@@ -288,10 +288,10 @@ def verdict(r, cfg):
         learned, guessed = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (True, False))
         said = (f"solved, the whole path planned from the prompt (exact {exact:.3f})" if exact >= 0.95 else
                 f"planned from the prompt so far (> 0.9): {learned or 'nothing'}; not yet: {guessed}")
-        measured = (" (at the default budget: the Clever-Hans cheat, exact ~ 1/deg)"
+        measured = (" (on G(2,5), at every budget measured: the Clever-Hans cheat, exact ~ 1/deg)"
                     if (cfg.deg, cfg.path_len) == (2, 5) else "")
-        win = (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 CPU hour: {WIN_COMMANDS[0]}; "
-               f"on G(2,3) in minutes: {WIN_COMMANDS[1]}")
+        win = (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 CPU cores: "
+               f"{WIN_COMMANDS[0]}; on G(2,3) in minutes: {WIN_COMMANDS[1]}")
         win = win if cfg.model == "gpt" else f"No teacherless Mamba win measured yet. {win}"
         return (f"teacherless: {said}. Next-token training on this budget: {command(cfg, teacherless=False)}{measured}."
                 + ("" if exact >= 0.95 else f" {win}"))
