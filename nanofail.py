@@ -290,7 +290,7 @@ def verdict(r, cfg):
                 f"planned from the prompt so far (> 0.9): {learned or 'nothing'}; not yet: {guessed}")
         measured = (" (on G(2,5), at every budget measured: the Clever-Hans cheat, exact ~ 1/deg)"
                     if (cfg.deg, cfg.path_len) == (2, 5) else "")
-        win = (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 CPU cores: "
+        win = (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 bf16 CPU cores: "
                f"{WIN_COMMANDS[0]}; on G(2,3) in minutes: {WIN_COMMANDS[1]}")
         win = win if cfg.model == "gpt" else f"No teacherless Mamba win measured yet. {win}"
         return (f"teacherless: {said}. Next-token training on this budget: {command(cfg, teacherless=False)}{measured}."
@@ -397,7 +397,7 @@ PRESETS = {
     ("g25", "gpt"): G25,  # no Mamba: teacherless Mamba has not won even on G(2,4) (RESULTS.md)
 }
 # Where teacherless GPT beats next-token GPT, on the same graph and budget (RESULTS.md)
-WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --seed 2",  # G(2,5): ~1 hour on 2 CPU cores
+WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --seed 2",  # G(2,5): ~1 hour on 2 CPU cores with bf16
                 "python nanofail.py --preset g23 --teacherless")  # G(2,3): ~5 CPU minutes
 
 def known_knobs(saved):
