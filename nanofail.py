@@ -12,7 +12,7 @@ targets (g..s) are easy, and teacherless training (answer inputs replaced by `$`
     python nanofail.py --reverse                    # the same task, answer reversed: solved
     python nanofail.py --teacherless                # the way out: what a laptop budget learns
     python nanofail.py --preset g23 --teacherless   # G(2,3): teacherless wins in ~5 CPU minutes
-    python nanofail.py --preset g25 --teacherless --seed 2   # the paper's G(2,5): ~1 CPU hour
+    python nanofail.py --preset g25 --teacherless --seed 2   # the paper's G(2,5): ~1 hour on 2 bf16 cores
     python nanofail.py -h                           # every knob
 
 Every part below can be pasted into a notebook: data -> encoding -> objectives -> model ->
@@ -359,7 +359,7 @@ class Config:
     train_file: str = knob("", "load training graphs from this file (original text format)")
     test_file: str = knob("", "load test graphs from this file (original text format)")
     preset: str = knob("quick", "starting values, below any value given: quick (CPU minutes), paper (one GPU), "
-                       "g23 and g25 (where teacherless wins: CPU minutes, a CPU hour; g25 for gpt only)",
+                       "g23 and g25 (where teacherless wins: CPU minutes, ~1 hour on 2 bf16 cores; g25 for gpt only)",
                        choices=("quick", "paper", "g23", "g25"))
 
     def __post_init__(self):
