@@ -319,6 +319,29 @@ def knob(default, help, **kw):
     """A Config field. It stays None until a preset or an explicit value sets it; `default` is last."""
     return field(default=None, metadata=dict(default=default, help=help, **kw))
 
+# Presets by (name, model): starting values that Config fills in below any value given.
+PAPER = dict(n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, max_iters=500 * 200_000 // 256,
+             warmup_iters=1_000, eval_interval=5_000, log_interval=500)  # 500 epochs of 200k graphs
+# Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
+# smaller batches and more steps show the same signature in a few minutes.
+QUICK_MAMBA = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250)
+# G(2,3): the answer is s, n1, g, and n1 = parent(g) is a one-step plan. Teacherless training learns
+# it in ~5 CPU minutes; next-token training still guesses n1.
+G23 = dict(path_len=3, n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250)
+# G(2,5), the paper's graph: the plan is three lookups back from g (n3, n2, then n1), each a plateau.
+# Depth shortens them and a constant lr outlasts them (a cosine decays before the last one ends).
+G25 = dict(n_layer=8, n_train=200_000, batch_size=256, lr=5e-4, min_lr_frac=1, max_iters=16_000,
+           eval_interval=1000, log_interval=500)
+PRESETS = {
+    ("quick", "gpt"): {},  # the Config defaults: a 2-core laptop CPU shows the Clever-Hans signature in minutes
+    ("quick", "mamba"): QUICK_MAMBA,
+    ("paper", "gpt"): dict(PAPER, n_layer=12, n_embd=384, n_head=6),
+    ("paper", "mamba"): dict(PAPER, n_layer=12, n_embd=384),
+    ("g23", "gpt"): G23,
+    ("g23", "mamba"): dict(QUICK_MAMBA, **G23),
+    ("g25", "gpt"): G25,  # no Mamba: teacherless Mamba has not won even on G(2,4) (RESULTS.md)
+}
+
 @dataclass
 class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
@@ -360,7 +383,7 @@ class Config:
     test_file: str = knob("", "load test graphs from this file (original text format)")
     preset: str = knob("quick", "starting values, below any value given: quick (CPU minutes), paper (one GPU), "
                        "g23 and g25 (where teacherless wins: CPU minutes, ~1 hour on 2 bf16 cores; g25 for gpt only)",
-                       choices=("quick", "paper", "g23", "g25"))
+                       choices=tuple(dict.fromkeys(name for name, _ in PRESETS)))
 
     def __post_init__(self):
         # A value given wins, then the preset's for this model, then the default above: so that
@@ -374,28 +397,6 @@ class Config:
             if "min" in f.metadata and getattr(self, f.name) < f.metadata["min"]:
                 raise UsageError(f"--{f.name} must be >= {f.metadata['min']} (got {getattr(self, f.name)})")
 
-# Presets by (name, model).
-PAPER = dict(n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, max_iters=500 * 200_000 // 256,
-             warmup_iters=1_000, eval_interval=5_000, log_interval=500)  # 500 epochs of 200k graphs
-# Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
-# smaller batches and more steps show the same signature in a few minutes.
-QUICK_MAMBA = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250)
-# G(2,3): the answer is s, n1, g, and n1 = parent(g) is a one-step plan. Teacherless training learns
-# it in ~5 CPU minutes; next-token training still guesses n1.
-G23 = dict(path_len=3, n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250)
-# G(2,5), the paper's graph: the plan is three lookups back from g (n3, n2, then n1), each a plateau.
-# Depth shortens them and a constant lr outlasts them (a cosine decays before the last one ends).
-G25 = dict(n_layer=8, n_train=200_000, batch_size=256, lr=5e-4, min_lr_frac=1, max_iters=16_000,
-           eval_interval=1000, log_interval=500)
-PRESETS = {
-    ("quick", "gpt"): {},  # the defaults above: a 2-core laptop CPU shows the Clever-Hans signature in minutes
-    ("quick", "mamba"): QUICK_MAMBA,
-    ("paper", "gpt"): dict(PAPER, n_layer=12, n_embd=384, n_head=6),
-    ("paper", "mamba"): dict(PAPER, n_layer=12, n_embd=384),
-    ("g23", "gpt"): G23,
-    ("g23", "mamba"): dict(QUICK_MAMBA, **G23),
-    ("g25", "gpt"): G25,  # no Mamba: teacherless Mamba has not won even on G(2,4) (RESULTS.md)
-}
 # Where teacherless GPT beats next-token GPT, on the same graph and budget (RESULTS.md)
 WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --seed 2",  # G(2,5): ~1 hour on 2 CPU cores with bf16
                 "python nanofail.py --preset g23 --teacherless")  # G(2,3): ~5 CPU minutes
