@@ -631,7 +631,8 @@ def test_verdicts_read_the_accuracy_pattern():
     gpt, mamba = (nf.verdict(r, nf.Config(model=m, teacherless=True)) for m in ("gpt", "mamba"))
     assert "so far (> 0.9): s n3 g; not yet: n1 n2." in gpt
     assert "Next-token training on this budget: python nanofail.py (on G(2,5), at every budget measured: the" in gpt
-    assert f"G(2,5) with 8 layers in ~1 hour on 2 bf16 CPU cores: {nf.WIN_COMMANDS[0]}" in gpt
+    assert (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 bf16 CPU cores: "
+            f"{nf.WIN_COMMANDS[0]}") in gpt
     assert f"on G(2,3) in minutes: {nf.WIN_COMMANDS[1]}" in gpt
     assert "python nanofail.py --model mamba (on G(2,5), at every budget measured: the Clever-Hans cheat" in mamba
     assert "No teacherless Mamba win measured yet. Teacherless GPT beats" in mamba
