@@ -348,7 +348,8 @@ class Config:
     deg: int = knob(2, "number of arms leaving the start node s", min=1)
     path_len: int = knob(5, "nodes on the path s..g, s included", min=2)
     num_nodes: int = knob(50, "node labels 0..num_nodes-1 (read off the data when loading files)", min=1)
-    n_train: int = knob(50_000, "training graphs", min=1)
+    n_train: int = knob(50_000, "training graphs (the pool, epoch after epoch, until --fresh_after)", min=1)
+    fresh_after: int = knob(0, "from this step on, train on new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
     reverse: bool = knob(False, "target the reversed path g..s (each step is a parent lookup)")
     teacherless: bool = knob(False, "replace answer inputs by '$' and predict the whole answer at once")
@@ -433,6 +434,13 @@ def make_splits(cfg):
     cfg.n_train, cfg.n_test = len(train[0]), len(test[0])
     return train, test
 
+def unseen_graphs(cfg, test):
+    """The graphs for the steps from --fresh_after on: one per training example left, drawn from a seed
+    of their own (not the pool's), none of them a test prompt."""
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2])
+    n = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size
+    return fresh_graphs(n, cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
+
 def pick_device(name):
     """auto: cuda, then mps, then cpu. A device this machine does not have is a usage error."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -512,8 +520,14 @@ def train(cfg):
     if cfg.batch_size % world:
         raise UsageError(f"--batch_size {cfg.batch_size} does not split over {world} processes")
     L, N = cfg.path_len, cfg.num_nodes
-    (train_seq, P), (test_seq, _) = encode(tr_edges, tr_path, N, cfg.reverse), encode(te_edges, te_path, N, cfg.reverse)
-    train_seq, test_seq = torch.from_numpy(train_seq).to(device), torch.from_numpy(test_seq).to(device)
+    test_seq, P = encode(te_edges, te_path, N, cfg.reverse)
+    test_seq = torch.from_numpy(test_seq).to(device)
+    def pool(step):
+        """The training sequences from `step` on, and batches drawn from `step`'s seed: a run resumed at
+        `step` draws the same ones as a run that passed through it."""
+        graphs = unseen_graphs(cfg, (te_edges, te_path)) if 0 < cfg.fresh_after <= step else (tr_edges, tr_path)
+        seq = torch.from_numpy(encode(*graphs, N, cfg.reverse)[0]).to(device)
+        return seq, batches(len(seq), cfg.batch_size, torch.Generator(device).manual_seed(cfg.seed + step))
     # model and optimizer, fresh or from a checkpoint
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, vocab_size=N + 4, block_size=P + L - 1).to(device)
@@ -524,6 +538,7 @@ def train(cfg):
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history = ckpt["step"], ckpt["history"]
+    (train_seq, stream), start, per_rank = pool(step), step, cfg.batch_size // world
     model = torch.compile(raw) if cfg.compile else raw  # evaluation runs `raw`: only training is compiled
     if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -540,11 +555,12 @@ def train(cfg):
         f"{'teacherless' if cfg.teacherless else 'next-token'}{' reverse' if cfg.reverse else ''}")
     if cfg.out_dir and rank == 0:
         make_dir(cfg.out_dir, "out_dir")
-    gen = torch.Generator(device).manual_seed(cfg.seed + step)  # a resumed run draws fresh batches
-    stream, per_rank = batches(len(train_seq), cfg.batch_size, gen), cfg.batch_size // world
     window, t_window, t_start = [], time.time(), time.time()
     try:
         while step < cfg.max_iters:
+            if step == cfg.fresh_after != start:  # the pool has done its work: new graphs from here on
+                train_seq, stream = pool(step)
+                log(f"step {step}: from here on {len(train_seq)} new graphs, each seen once")
             # fetch: this process's slice of the global batch
             seq = train_seq[next(stream)[rank * per_rank:(rank + 1) * per_rank]]  # (B / world, P+L)
             for g in opt.param_groups:

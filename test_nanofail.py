@@ -262,6 +262,24 @@ def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
     assert code == 0 and "step     12/12" in stdout and "step      8/" not in stdout
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12
 
+def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys):
+    args = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "16",
+            "--batch_size", "16", "--warmup_iters", "2", "--min_lr_frac", "1", "--dtype", "float32", "--device", DEVICE]
+    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]  # noqa: E731
+    code, stdout, _ = run_main(args + ["--max_iters", "10", "--fresh_after", "6", "--out_dir", str(tmp_path / "one")], capsys)
+    assert code == 0 and "step 6: from here on 64 new graphs, each seen once" in stdout  # (10 - 6) * 16
+    assert run_main(args + ["--max_iters", "10", "--out_dir", str(tmp_path / "pool")], capsys)[0] == 0
+    assert run_main(args + ["--max_iters", "6", "--out_dir", str(tmp_path / "two")], capsys)[0] == 0
+    code, stdout, _ = run_main(["--resume", str(tmp_path / "two" / "ckpt.pt"), "--max_iters", "10", "--fresh_after", "6"], capsys)
+    assert code == 0 and "from here on" not in stdout  # resumed at the switch: on the new graphs from the start
+    one, two, pool = weights("one"), weights("two"), weights("pool")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # the same run, in one go or in two
+    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # the new graphs were trained on
+    cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
+    train, test = nf.make_splits(cfg)
+    new = nf.unseen_graphs(cfg, test)
+    assert len(new[0]) == 64 and not set(nf.prompt_keys(*new)) & set(nf.prompt_keys(*train) + nf.prompt_keys(*test))
+
 # ----------------------------------------------------------------------------- mamba_min
 
 MODES = ["ref", "loop", "chunked", "auto"]
