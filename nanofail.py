@@ -403,8 +403,9 @@ WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --seed 2",  # G(2
                 "python nanofail.py --preset g23 --teacherless")  # G(2,3): ~5 CPU minutes
 
 def known_knobs(saved):
-    """A config dict saved by this or an older version, without the knobs Config no longer has."""
-    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+    """A config dict saved by this or an older version: knobs Config no longer has are dropped, and the
+    knobs it did not have yet take their default, which is what that version did (not the preset's)."""
+    return {f.name: saved.get(f.name, f.metadata["default"]) for f in fields(Config)}
 
 def command(cfg, **change):
     """The command line that runs cfg with `change` applied: the flags that differ from its preset."""

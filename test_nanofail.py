@@ -275,6 +275,9 @@ def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_
     one, two, pool = weights("one"), weights("two"), weights("pool")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # the same run, in one go or in two
     assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # the new graphs were trained on
+    old = dict(nf.asdict(nf.Config(preset="g25")), dropped_knob=1)  # saved before --fresh_after existed
+    del old["fresh_after"]
+    assert nf.Config(**nf.known_knobs(old)).fresh_after == 0  # what that version did, whatever the preset says
     cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
     train, test = nf.make_splits(cfg)
     new = nf.unseen_graphs(cfg, test)
@@ -594,6 +597,8 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
     assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), seed 2\n")
+    cfg.fresh_after = 6000
+    assert "batch 256, 50,000 graphs, new ones from step 6,000\n" in figures.panel_title(cfg)
 
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
