@@ -50,9 +50,10 @@ def panel_title(cfg):
     heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
     seed = f", seed {cfg.seed}" if cfg.seed != preset.seed else ""
     lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
-             f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs"
-             + (f", new ones from step {cfg.fresh_after:,}" if cfg.fresh_after else ""),
+             f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, weight decay {cfg.weight_decay:g}"]
+    if cfg.fresh_after:
+        lines.append(f"new graphs from step {cfg.fresh_after:,}")
     start = os.path.dirname(cfg.resume)  # compared with out_dir, so that a copied results.json reads the same
     if start and os.path.abspath(start) != os.path.abspath(cfg.out_dir):  # continued from another run's checkpoint
         lines.append(f"started from {start}")
