@@ -524,8 +524,8 @@ def train(cfg):
     test_seq, P = encode(te_edges, te_path, N, cfg.reverse)
     test_seq = torch.from_numpy(test_seq).to(device)
     def pool(step):
-        """The training sequences from `step` on, and batches drawn from `step`'s seed: a run resumed at
-        `step` draws the same ones as a run that passed through it."""
+        """The training sequences from `step` on, and batches drawn from `step`'s seed: a run resumed
+        at the switch to new graphs draws the same batches as one run that passes through it."""
         graphs = unseen_graphs(cfg, (te_edges, te_path)) if 0 < cfg.fresh_after <= step else (tr_edges, tr_path)
         seq = torch.from_numpy(encode(*graphs, N, cfg.reverse)[0]).to(device)
         return seq, batches(len(seq), cfg.batch_size, torch.Generator(device).manual_seed(cfg.seed + step))
