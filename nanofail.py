@@ -437,7 +437,7 @@ def make_splits(cfg):
 
 def unseen_graphs(cfg, test):
     """The graphs for the steps from --fresh_after on: one per training example left, drawn from a seed
-    of their own (not the pool's), none of them a test prompt."""
+    of their own (the third child of cfg.seed; make_splits uses the first two), none a test prompt."""
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2])
     n = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size
     return fresh_graphs(n, cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
@@ -523,7 +523,7 @@ def train(cfg):
     L, N = cfg.path_len, cfg.num_nodes
     test_seq, P = encode(te_edges, te_path, N, cfg.reverse)
     test_seq = torch.from_numpy(test_seq).to(device)
-    def pool(step):
+    def train_data(step):
         """The training sequences from `step` on, and batches drawn from `step`'s seed: a run resumed
         at the switch to new graphs draws the same batches as one run that passes through it."""
         graphs = unseen_graphs(cfg, (te_edges, te_path)) if 0 < cfg.fresh_after <= step else (tr_edges, tr_path)
@@ -539,7 +539,7 @@ def train(cfg):
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history = ckpt["step"], ckpt["history"]
-    (train_seq, stream), start, per_rank = pool(step), step, cfg.batch_size // world
+    (train_seq, stream), start, per_rank = train_data(step), step, cfg.batch_size // world
     model = torch.compile(raw) if cfg.compile else raw  # evaluation runs `raw`: only training is compiled
     if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -560,7 +560,7 @@ def train(cfg):
     try:
         while step < cfg.max_iters:
             if step == cfg.fresh_after != start:  # the pool has done its work: new graphs from here on
-                train_seq, stream = pool(step)
+                train_seq, stream = train_data(step)
                 log(f"step {step}: from here on {len(train_seq)} new graphs, each seen once")
             # fetch: this process's slice of the global batch
             seq = train_seq[next(stream)[rank * per_rank:(rank + 1) * per_rank]]  # (B / world, P+L)
