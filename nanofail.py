@@ -408,12 +408,16 @@ def known_knobs(saved):
     return {f.name: saved.get(f.name, f.metadata["default"]) for f in fields(Config)}
 
 def command(cfg, **change):
-    """The command line that runs cfg with `change` applied: the flags that differ from its preset."""
+    """The command line that runs cfg with `change` applied: its preset, then the flags that differ from
+    the preset, leaving out where it writes and what its data files set (task and set sizes)."""
     cfg = Config(**{**asdict(cfg), **change})
-    base = dict(asdict(Config(preset=cfg.preset, model=cfg.model)), preset="quick", model="gpt", out_dir="", resume="")
+    base = dict(asdict(Config(preset=cfg.preset, model=cfg.model)), model="gpt")
+    skip = {"preset", "out_dir", "resume"}
+    if cfg.train_file or cfg.test_file:
+        skip |= {"deg", "path_len", "num_nodes", "n_train" if cfg.train_file else "", "n_test" if cfg.test_file else ""}
     flags = [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}"
-             for k, v in asdict(cfg).items() if v != base[k] and k not in ("out_dir", "resume")]
-    return " ".join(["python nanofail.py"] + flags)
+             for k, v in asdict(cfg).items() if v != base[k] and k not in skip]
+    return " ".join(["python nanofail.py"] + [f"--preset {cfg.preset}"] * (cfg.preset != "quick") + flags)
 
 def make_splits(cfg):
     """Train and test graphs, generated from cfg.seed or read from the original text files (then deg,

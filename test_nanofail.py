@@ -741,7 +741,9 @@ def test_presets_mean_the_same_from_python_and_the_command_line(objective):
         assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
     cfg = nf.Config(preset="g23", model="mamba", teacherless=True)
     assert (cfg.path_len, cfg.max_iters, cfg.n_layer, cfg.teacherless) == (3, 3000, 2, True)
-    assert nf.command(cfg, teacherless=False) == "python nanofail.py --model mamba --preset g23"
+    assert nf.command(cfg, teacherless=False) == "python nanofail.py --preset g23 --model mamba"
+    cfg = nf.Config(preset="g25", teacherless=True, seed=4, test_file="t.txt", n_test=20_000, out_dir="runs/a")
+    assert nf.command(cfg, teacherless=False) == "python nanofail.py --preset g25 --seed 4 --test_file t.txt"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
