@@ -12,7 +12,7 @@ targets (g..s) are easy, and teacherless training (answer inputs replaced by `$`
     python nanofail.py --reverse                    # the same task, answer reversed: solved
     python nanofail.py --teacherless                # the way out: what a laptop budget learns
     python nanofail.py --preset g23 --teacherless   # G(2,3): teacherless wins in ~5 CPU minutes
-    python nanofail.py --preset g25 --teacherless --seed 2   # the paper's G(2,5): ~1 hour on 2 bf16 cores
+    python nanofail.py --preset g25 --teacherless --fresh_after 6000 --seed 2   # the paper's G(2,5): ~1 hour
     python nanofail.py -h                           # every knob
 
 Every part below can be pasted into a notebook: data -> encoding -> objectives -> model ->
@@ -398,9 +398,10 @@ class Config:
             if "min" in f.metadata and getattr(self, f.name) < f.metadata["min"]:
                 raise UsageError(f"--{f.name} must be >= {f.metadata['min']} (got {getattr(self, f.name)})")
 
-# Where teacherless GPT beats next-token GPT, on the same graph and budget (RESULTS.md)
-WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --seed 2",  # G(2,5): ~1 hour on 2 CPU cores with bf16
-                "python nanofail.py --preset g23 --teacherless")  # G(2,3): ~5 CPU minutes
+# Where teacherless GPT beats next-token GPT on the same graph and budget (RESULTS.md). G(2,5): the
+# pool to step 6000, then new graphs, ~1 hour on 2 bf16 CPU cores (seeds 2 and 4 of four win); G(2,3): minutes.
+WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --fresh_after 6000 --seed 2",
+                "python nanofail.py --preset g23 --teacherless")
 
 def known_knobs(saved):
     """A config dict saved by this or an older version: knobs Config no longer has are dropped, and the
