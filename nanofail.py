@@ -414,8 +414,8 @@ def command(cfg, **change):
     cfg = Config(**{**asdict(cfg), **change})
     base = dict(asdict(Config(preset=cfg.preset, model=cfg.model)), model="gpt")
     skip = {"preset", "out_dir", "resume"}
-    if cfg.train_file or cfg.test_file:
-        skip |= {"deg", "path_len", "num_nodes", "n_train" if cfg.train_file else "", "n_test" if cfg.test_file else ""}
+    if cfg.train_file or cfg.test_file:  # make_splits reads the task off the files, and each file's size
+        skip |= {"deg", "path_len", "num_nodes"} | {n for n, f in (("n_train", cfg.train_file), ("n_test", cfg.test_file)) if f}
     flags = [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}"
              for k, v in asdict(cfg).items() if v != base[k] and k not in skip]
     return " ".join(["python nanofail.py"] + [f"--preset {cfg.preset}"] * (cfg.preset != "quick") + flags)
