@@ -1,117 +1,116 @@
 """
 nanofail: "The Pitfalls of Next-Token Prediction" (Bachmann & Nagarajan, ICML 2024) in one file.
 
-The task is path-finding on a path-star graph G(deg, path_len): a start node s with `deg` arms of
-`path_len - 1` further nodes each. The prompt lists the edges in random order, then s and the goal g
-(the end of one arm); the answer is the path s, n1, ..., g. Trained with teacher forcing, a model
-learns the "Clever Hans" cheat (each node is the child of the node before it, read off the edge
-list) and never learns the one hard step n1, the node after s: exact match stays at 1/deg. Reversed
-targets (g..s) are easy, and teacherless training (answer inputs replaced by `$`) removes the cheat.
-
-    python nanofail.py                              # G(2,5), next-token: the Clever-Hans signature
-    python nanofail.py --reverse                    # the same task, answer reversed: solved
-    python nanofail.py --teacherless                # the way out: what a laptop budget learns
-    python nanofail.py --preset g23 --teacherless   # G(2,3): teacherless wins in ~5 CPU minutes
-    python nanofail.py --preset g25 --teacherless --fresh_after 6000 --seed 2   # the paper's G(2,5): ~1 hour
-    python nanofail.py -h                           # every knob
-
-Every part below can be pasted into a notebook: data -> encoding -> objectives -> model ->
-evaluation -> training -> command line.
+A path-star graph G(deg, path_len) is a start s with deg arms of path_len - 1 nodes. The prompt is
+the shuffled edge list, then s and the goal g; the answer is the path s, n1, ..., g. Teacher forcing
+teaches the "Clever Hans" cheat (each node is the child of the one before, read off the edges) and
+never the hard step n1: exact match stays at 1/deg. Reversed targets are easy; teacherless training
+(every answer input replaced by `$`) removes the cheat. Run `python nanofail.py [--reverse |
+--teacherless] [--preset g23 | g25 | paper]`, or from Python
+`model, history = train(Config(preset="g23", teacherless=True))`. The `# %%` cells (data, encoding,
+objectives, model, evaluation, training, command line) run in order and only define things.
 """
-import argparse
-import json
-import math
-import os
-import re
-import sys
-import time
+# %% imports
+import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+CPU_THREADS = torch.get_num_threads()  # torch's default: one per physical core
+
 class UsageError(Exception):
-    """Bad input: reported as one line saying what to change, exit status 2."""
+    """Bad input: one line saying what to change (exit status 2)."""
 
 class Stopped(Exception):
-    """A run that diverged or was interrupted: one line saying where its checkpoint is, exit status 1."""
+    """A run that diverged or was interrupted: one line saying where its checkpoint is (exit 1)."""
 
-# ----------------------------------------------------------------------------- data
-# One path-star graph G(2,5) on N = 50 labels, one line of the original repository's text format
-# (test graph 2 of the demo, seed 1337):
+# %% data: path-star graphs
+# One G(2,5) on N = 50 labels, a line of the original repository's text format (demo test graph 2):
 #
 #     35,1|27,35|20,39|39,37|27,6|3,41|1,3|6,20/27,41=27,35,1,3,41
 #
-# The edges u,v (parent -> child) in random order, then /s,g and, after '=', the answer s,n1,n2,n3,g.
+# The edges u,v (parent -> child) in random order, then /s,g and, after '=', the answer s..g.
 # Drawn, the edges are two arms leaving s = 27:   27 -> 35 -> 1 -> 3 -> 41 (the goal g)
 #                                                 27 -> 6 -> 20 -> 39 -> 37
-# Every node but s has one child or none, so once n1 = 35 is chosen the rest is a lookup; n1 is the plan.
+# Every node but s has one child or none: after n1 = 35 the rest is lookups: n1 is the plan.
+MAX_NODES = 10_000  # labels 0..9999; the vocabulary is the labels and four symbols
 
 def make_graphs(n, deg, path_len, num_nodes, rng):
-    """n random path-star graphs. Returns edges (n, E, 2), E = deg * (path_len - 1) parent->child
-    pairs in random order, and path (n, path_len) = s, n1, ..., g along a random arm."""
-    labels = rng.random((n, num_nodes), dtype=np.float32).argsort(axis=1)[:, :1 + deg * (path_len - 1)]
-    start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, path_len - 1)  # (n, 1), (n, deg, L-1)
-    parents = np.concatenate([np.broadcast_to(start[:, :, None], (n, deg, 1)), arms[:, :, :-1]], axis=2)
+    """n random path-star graphs: edges (n, E, 2), E = deg * (path_len - 1) parent->child pairs in
+    random order, and path (n, path_len) = s, n1, ..., g along a random arm."""
+    # the first k labels of a random permutation per graph, in blocks that bound the memory (the
+    # blocks draw the numbers of one big call: one seed, one data set)
+    k, rows = 1 + deg * (path_len - 1), max(1, 2**22 // num_nodes)
+    labels = np.concatenate([rng.random((min(rows, n - i), num_nodes), dtype=np.float32)
+                             .argsort(axis=1)[:, :k] for i in range(0, max(n, 1), rows)])
+    start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, -1)  # (n, 1), (n, deg, L-1)
+    parents = np.concatenate([np.repeat(start[:, :, None], deg, 1), arms[:, :, :-1]], axis=2)
     edges = np.stack([parents, arms], axis=-1).reshape(n, -1, 2)  # (n, E, 2), arm by arm
-    edges = np.take_along_axis(edges, rng.random(edges.shape[:2]).argsort(axis=1)[:, :, None], axis=1)
+    order = rng.random(edges.shape[:2]).argsort(axis=1)  # shuffled: the order gives nothing away
     goal_arm = arms[np.arange(n), rng.integers(deg, size=n)]  # (n, L-1)
-    return edges, np.concatenate([start, goal_arm], axis=1)
+    return np.take_along_axis(edges, order[:, :, None], 1), np.concatenate([start, goal_arm], 1)
 
 def prompt_keys(edges, path):
-    """One hashable key per graph prompt (edge list, s, g): train and test prompts must not meet."""
-    return [r.tobytes() for r in np.concatenate([edges.reshape(len(edges), -1), path[:, [0, -1]]], 1)]
+    """One hashable key per prompt (edge list, s, g): train and test prompts must not meet."""
+    prompts = np.concatenate([edges.reshape(len(path), -1), path[:, [0, -1]]], axis=1)
+    return [row.tobytes() for row in prompts]
 
 def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid):
     """n graphs whose prompts are not among the prompts of `avoid` (the test set)."""
     seen, parts, have = set(prompt_keys(*avoid)), [], 0
     for _ in range(100):  # draw again for the few that collide
         edges, path = make_graphs(n - have, deg, path_len, num_nodes, rng)
-        keep = np.array([k not in seen for k in prompt_keys(edges, path)])
-        parts.append((edges[keep], path[keep]))
-        have += int(keep.sum())
+        keep = np.array([key not in seen for key in prompt_keys(edges, path)], dtype=bool)
+        parts, have = parts + [(edges[keep], path[keep])], have + int(keep.sum())
         if have == n:
             return tuple(np.concatenate(p) for p in zip(*parts))
     raise UsageError(f"G({deg},{path_len}) on {num_nodes} labels has too few distinct graphs for "
                      f"{n} training graphs apart from the test set: raise --num_nodes")
 
+def not_path_stars(edges, path):
+    """Indices of the graphs that are not a path star: s = path[:, 0] with E / (L-1) arms."""
+    (n, E, _), L = edges.shape, path.shape[1]
+    parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]
+    reached, follows = parent == s, parent[:, :, None] == child[:, None, :]  # (n, E), (n, E, E)
+    for _ in range(L - 2):  # the edges within L-1 steps of s, one step further a round
+        reached = reached | (follows & reached[:, None, :]).any(2)
+    distinct = lambda a: (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)  # noqa: E731
+    # one parent per node (none for s); one child per node but s, which has deg
+    arms = (parent == s).sum(1) * (L - 1) == E  # the start has E / (L-1) children
+    ok = reached.all(1) & distinct(child) & ~(child == s).any(1) & arms
+    return np.flatnonzero(~ok | ~distinct(np.where(parent == s, -np.arange(1, E + 1), parent)))
+
 def parse_graphs(text, name="input"):
-    """Text in the original format -> edges (n, E, 2), path (n, L). Bad lines raise UsageError."""
+    """Text in the original format -> edges (n, E, 2), path (n, L). A bad line raises UsageError."""
     # Every line must have the separators of line 1, and line 1 those of a graph: ",|" per edge but
-    # the last, ",/,=", then "," between path nodes. Checking this skeleton makes parsing one split.
-    text = text.rstrip("\n")
-    lines, skeletons = text.split("\n"), re.sub(r"[0-9]+", "", text).split("\n")
+    # the last, ",/,=", then "," between path nodes, and numbers of 1-4 digits (labels < MAX_NODES).
+    lines = text.rstrip("\n").split("\n")
+    skeletons = [re.sub(r"[0-9]+", "", ln) for ln in lines]
     E, L = skeletons[0].count("|") + 1, skeletons[0].count(",") - skeletons[0].count("|") - 1
-    expected = ",|" * (E - 1) + ",/,=" + "," * (L - 1)
-    bad = next((i for i, sk in enumerate(skeletons) if sk != expected), None)
-    if bad is None:
-        try:
-            nums = np.array(re.split(r"[^0-9]+", text), dtype=np.int64)
-        except (ValueError, OverflowError):  # an empty or huge number somewhere
-            bad = next(i for i, ln in enumerate(lines) if any(not 0 < len(x) < 19 for x in re.split(r"[^0-9]+", ln)))
-    if bad is not None:
-        raise UsageError(f"{name}:{bad + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' like "
-                         f"line 1, got '{lines[bad][:60]}'")
-    nums = nums.reshape(len(lines), -1)
-    edges, s, g, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E], nums[:, 2 * E + 1], nums[:, 2 * E + 2:]
-    on_edge = (edges[:, None, :, 0] == path[:, :-1, None]) & (edges[:, None, :, 1] == path[:, 1:, None])
-    bad = np.flatnonzero((path[:, 0] != s) | (path[:, -1] != g) | ~on_edge.any(axis=2).all(axis=1))
+    bad = [i for i, (sk, ln) in enumerate(zip(skeletons, lines)) if L < 2 or sk != ",|" * (E - 1)
+           + ",/,=" + "," * (L - 1) or re.search(r"\d{5}|(^|\D)(\D|$)", ln)]
+    if bad:
+        raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
+                         f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
+    nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
+    edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
+    u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
+    on_edges = ((u == path[:, :-1, None]) & (v == path[:, 1:, None])).any(2).all(1)
+    bad = np.flatnonzero((sg != path[:, [0, -1]]).any(1) | ~on_edges)
     if len(bad):
-        raise UsageError(f"{name}:{bad[0] + 1}: the answer path does not run from s to g along the edges")
+        raise UsageError(f"{name}:{bad[0] + 1}: the answer is no path from s to g along the edges")
+    bad = [0] if E % (L - 1) else not_path_stars(edges, path)
+    if len(bad):
+        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of {L - 1} edges)")
     return edges, path
 
-def read_graphs(filename):
-    try:
-        with open(filename) as f:
-            return parse_graphs(f.read(), filename)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {filename}: {e}")
-
-# ----------------------------------------------------------------------------- encoding
+# %% encoding: tokens
 # Tokens: node labels 0..N-1, then '|' = N, '=' = N+1, '/' = N+2, '$' = N+3 (commas are dropped).
 # One graph is u v | u v | ... | u v / s g = followed by the answer: 3E + 3 prompt tokens, then L.
 
@@ -121,15 +120,15 @@ def tok(num_nodes):
 def encode(edges, path, num_nodes, reverse=False):
     """(n, E, 2), (n, L) -> token sequences (n, 3E + 3 + L) and the prompt length P = 3E + 3.
     With reverse=True the answer is g..s: every step is then a parent lookup, nothing to plan."""
-    n, E, _ = edges.shape
-    t = tok(num_nodes)
+    (n, E, _), t = edges.shape, tok(num_nodes)
     body = np.concatenate([edges, np.full((n, E, 1), t["pipe"])], axis=2).reshape(n, -1)[:, :-1]
     sg = np.stack([np.full(n, t["slash"]), path[:, 0], path[:, -1], np.full(n, t["eq"])], axis=1)
     answer = path[:, ::-1] if reverse else path
     return np.concatenate([body, sg, answer], axis=1).astype(np.int64), 3 * E + 3
 
 def decode(seq, num_nodes):
-    """Token rows -> lines of the original text format: [5, 2, |, 2, 8, /, 5, 8, =, 5, 2, 8] -> '5,2|2,8/5,8=5,2,8'."""
+    """Token rows -> lines of the text format: [5, 2, |, 2, 8, /, 5, 8, =, 5, 2, 8] ->
+    '5,2|2,8/5,8=5,2,8'."""
     symbol = {v: s for s, v in zip("|=/$", tok(num_nodes).values())}
     rows = (" ".join(symbol.get(t, str(t)) for t in row) for row in np.asarray(seq).tolist())
     return [re.sub(r"(?<=\d) (?=\d)", ",", r).replace(" ", "") for r in rows]
@@ -141,40 +140,40 @@ def write_graphs(filename, edges, path):
         f.write("\n".join(decode(encode(edges, path, num_nodes)[0], num_nodes)) + "\n")
     os.replace(filename + ".tmp", filename)
 
-# ----------------------------------------------------------------------------- objectives
-# All three objectives read the same sequences and score only the L answer tokens. They differ in the
-# targets (reverse: g..s instead of s..g, set in `encode`) and in the inputs (teacherless, below).
+# %% objectives: next-token, reverse, teacherless
+# The three objectives read the same sequences and score only the L answer tokens. They differ in
+# the targets (reverse: g..s instead of s..g, set in `encode`) and the inputs (teacherless, below).
 #
 #     position        ... /  s  g  =  s  n1 n2 n3 g          (prompt length P, answer length L)
 #     input x         ... /  s  g  =  s  n1 n2 n3            next-token: the true answer prefix
 #     input x         ... /  s  g  =  $  $  $  $             teacherless: nothing to copy
-#     target y        -1 ......... -1 s  n1 n2 n3 g          the loss reads the last L positions only
+#     target y        -1 ......... -1 s  n1 n2 n3 g          the loss reads the last L positions
 
 def make_inputs(seq, prompt_len, teacherless, num_nodes):
-    """seq (B, P+L) -> model input x (B, P+L-1). Position P-1 ('=') predicts the first answer token,
-    position P+i the answer token i+1."""
+    """seq (B, P+L) -> model input x (B, P+L-1). Position P-1 ('=') predicts the first answer
+    token, position P+i the answer token i+1."""
     x = seq[:, :-1]
     if teacherless:
-        # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup, and n1 is left to be
-        # learned alone, without help from the later tokens (the Clever-Hans cheat, paper Sec. 4). With
-        # '$' in place of every answer input there is nothing to copy: the model must plan the whole
-        # path from the prompt (teacherless training, paper Sec. 5).
+        # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup, and n1 is left
+        # to be learned alone, without help from later tokens (the Clever-Hans cheat, paper Sec. 4).
+        # With '$' in place of every answer input there is nothing to copy: the model must plan the
+        # whole path from the prompt (teacherless training, paper Sec. 5).
         x = x.clone()
         x[:, prompt_len:] = tok(num_nodes)["dollar"]
     return x
 
 def answer_logits(model, seq, prompt_len, teacherless, num_nodes):
     """Logits of the L answer positions (B, L, vocab), with the objective's inputs."""
-    return model(make_inputs(seq, prompt_len, teacherless, num_nodes), n_out=seq.shape[1] - prompt_len).float()
+    x = make_inputs(seq, prompt_len, teacherless, num_nodes)
+    return model(x, n_out=seq.shape[1] - prompt_len).float()
 
 def answer_loss(model, seq, prompt_len, teacherless, num_nodes):
     """Cross-entropy on the answer tokens only: the prompt is given, not predicted."""
     logits = answer_logits(model, seq, prompt_len, teacherless, num_nodes)  # (B, L, vocab)
     return F.cross_entropy(logits.flatten(0, 1), seq[:, prompt_len:].flatten())
 
-# ----------------------------------------------------------------------------- model
-# A compact GPT in the nanoGPT tradition: learned positions, pre-LayerNorm blocks, tied head.
-# Mamba, the paper's other architecture, lives in mamba_min.py with the same interface.
+# %% model: a compact GPT (Mamba lives in mamba_min.py, with the same interface)
+# nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks, a tied input/output embedding.
 
 class Block(nn.Module):
     def __init__(self, n_embd, n_head):
@@ -187,6 +186,7 @@ class Block(nn.Module):
                                  nn.Linear(4 * n_embd, n_embd, bias=False))
 
     def attn(self, x):
+        """Causal self-attention (where the edge lookups happen): x (B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))  # 3 x (B, nh, T, hs)
@@ -210,8 +210,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
+                residual = name.endswith(("proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
 
     def forward(self, idx, n_out=None):
         """idx (B, T) -> logits (B, n_out, vocab) of the last n_out positions (all T if None)."""
@@ -231,46 +231,43 @@ class GPT(nn.Module):
 
 def build_model(cfg, vocab_size, block_size):
     if cfg.model == "mamba":
-        try:
-            from mamba_min import Mamba
-        except ImportError as e:
-            raise UsageError(f"--model mamba needs mamba_min.py next to nanofail.py ({e})")
+        from mamba_min import Mamba  # the file beside this one
         return Mamba(vocab_size, cfg.n_layer, cfg.n_embd, cfg.d_state, cfg.expand, cfg.d_conv)
     return GPT(vocab_size, block_size, cfg.n_layer, cfg.n_embd, cfg.n_head)
 
-# ----------------------------------------------------------------------------- evaluation
+# %% evaluation: forced accuracy, exact match, the worked example, the verdict
 
 def position_names(path_len, reverse=False):
     names = ["s"] + [f"n{i}" for i in range(1, path_len - 1)] + ["g"]
     return names[::-1] if reverse else names
 
 @torch.no_grad()
-def evaluate(model, seq, prompt_len, teacherless, num_nodes, amp=nullcontext, batch_size=1000):
-    """Per-position test accuracy with the training inputs ("forced": the true answer prefix, or '$'
-    tokens when teacherless), exact match of greedy decoding, and one worked example: the decoded
-    answer of the first test graph the model gets wrong (graph 0 if none). The Clever-Hans signature
-    is forced accuracy ~1/deg on n1 and ~1 on every later node."""
+def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, amp=nullcontext):
+    """Test graphs edges (n, E, 2), path (n, L) -> accuracy per answer position with the training
+    inputs ("forced": the true prefix, or '$'), exact match of greedy decoding, and the worked
+    example: the first graph the model gets wrong (graph 0 if none) and the model's answer."""
     model.eval()
-    right = []
-    for i in range(0, len(seq), batch_size):
-        s = seq[i:i + batch_size]  # (B, P+L)
+    seq, P = encode(edges, path, num_nodes, reverse)
+    seq, right = torch.from_numpy(seq).to(next(model.parameters()).device), []
+    for s in seq.split(128):  # small batches bound the memory (Mamba's scan state)
         with amp():
-            right.append(answer_logits(model, s, prompt_len, teacherless, num_nodes).argmax(-1) == s[:, prompt_len:])
+            right.append(answer_logits(model, s, P, teacherless, num_nodes).argmax(-1) == s[:, P:])
     right = torch.cat(right)  # (n, L)
-    # Greedy decoding is right all the way exactly when every forced prediction is right: each decoded
-    # token then sees the true prefix. So exact match needs no decoding, a single pass per graph.
+    # Greedy decoding is right all the way exactly when every forced prediction is right: each
+    # decoded token then sees the true prefix. So exact match needs one forced pass, no decoding.
     k = int((~right.all(1)).float().argmax())  # the first graph with a wrong token, or 0
-    with amp():  # teacherless decoding is the forced pass itself; otherwise each token is fed back in
-        example = answer_logits(model, seq[k:k + 1], prompt_len, True, num_nodes).argmax(-1) if teacherless \
-            else model.generate(seq[k:k + 1, :prompt_len], seq.shape[1] - prompt_len)
+    with amp():  # teacherless decoding is the forced pass itself; otherwise each token is fed back
+        pred = (answer_logits(model, seq[k:k + 1], P, True, num_nodes).argmax(-1) if teacherless
+                else model.generate(seq[k:k + 1, :P], seq.shape[1] - P))
     model.train()
-    return dict(test_exact_match=right.all(1).float().mean().item(), forced_token_acc=right.float().mean(0).tolist(),
-                example_index=k, example_pred=example[0].tolist())
+    return dict(test_exact_match=right.all(1).float().mean().item(),
+                forced_token_acc=right.float().mean(0).tolist(),
+                example=dict(index=k, edges=edges[k].tolist(), path=path[k].tolist(),
+                             pred=pred[0].tolist()))
 
-def explain(graph, pred, reverse=False):
-    """Where one decoded answer went wrong, e.g. 'wrong arm at n1, then n2 n3 along the edges from
-    there' (the Clever-Hans cheat seen from outside). graph: one line of the original text format."""
-    edges, path = (a[0].tolist() for a in parse_graphs(graph))
+def explain(edges, path, pred, reverse=False):
+    """Where a decoded answer went wrong: 'wrong arm at n1, then n2 n3 along the edges from there'
+    is the Clever-Hans cheat seen from outside. edges [[u, v], ...], path [s, ..., g]."""
     names, answer = position_names(len(path), reverse), path[::-1] if reverse else path
     wrong = [i for i, (p, a) in enumerate(zip(pred, answer)) if p != a]
     if not wrong:
@@ -278,198 +275,227 @@ def explain(graph, pred, reverse=False):
     step = dict((v, u) if reverse else (u, v) for u, v in edges)  # the next node: child, or parent
     i, rest = wrong[0], " ".join(names[j] for j in wrong[1:])
     follows = rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:])
-    head = "wrong arm at n1" if not reverse and i == 1 and [path[0], pred[1]] in edges else f"wrong at {names[i]}"
-    return head + (f", then {rest} along the edges from there" if follows else f", {rest} too" if rest else "")
+    arm = not reverse and i == 1 and [path[0], pred[1]] in edges  # a child of s, not n1
+    return ("wrong arm at n1" if arm else f"wrong at {names[i]}") + (
+        f", then {rest} along the edges from there" if follows else f", {rest} too" * bool(rest))
 
 def verdict(r, cfg):
-    """One line saying what the accuracy pattern means, and what to run next."""
-    names, f, exact = position_names(cfg.path_len, cfg.reverse), r["forced_token_acc"], r["test_exact_match"]
-    if cfg.teacherless:  # nothing to copy: each learned position was planned from the prompt
-        learned, guessed = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (True, False))
-        said = (f"solved, the whole path planned from the prompt (exact {exact:.3f})" if exact >= 0.95 else
-                f"planned from the prompt so far (> 0.9): {learned or 'nothing'}; not yet: {guessed}")
-        measured = (" (on G(2,5), at every budget measured: the Clever-Hans cheat, exact ~ 1/deg)"
-                    if (cfg.deg, cfg.path_len) == (2, 5) else "")
-        win = (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 bf16 CPU cores: "
-               f"{WIN_COMMANDS[0]}; on G(2,3) in minutes: {WIN_COMMANDS[1]}")
-        win = win if cfg.model == "gpt" else f"No teacherless Mamba win measured yet. {win}"
-        return (f"teacherless: {said}. Next-token training on this budget: {command(cfg, teacherless=False)}{measured}."
-                + ("" if exact >= 0.95 else f" {win}"))
-    if exact >= 0.95:
-        return "solved: the model finds the path (exact match ~ 1)."
-    if not cfg.reverse and f[1] < 1.5 / cfg.deg and min(f[2:], default=1) > 0.9:
-        return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1, the node "
-                f"after s, is a guess among {cfg.deg} arms (~ 1/deg), so exact match ~ 1/deg.")
+    """One line: what the accuracy pattern means."""
+    f, exact = r["forced_token_acc"], r["test_exact_match"]
+    if exact >= 0.95:  # teacherless: nothing to copy, so the path was planned from the prompt
+        how = "planned from the prompt" if cfg.teacherless else "found"
+        return f"solved: the path is {how} (exact match {exact:.3f})."
+    if cfg.teacherless:
+        names = position_names(cfg.path_len, cfg.reverse)
+        have, lack = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (1, 0))
+        return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
+                f"yet: {lack} (README: where teacherless training wins).")
+    if cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse and f[1] < 1.5 / cfg.deg and min(
+            f[2:]) > 0.9:
+        return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
+                f"a guess among {cfg.deg} arms, so exact match ~ 1/deg.")
     return "still learning: neither the Clever-Hans signature nor a solution yet."
 
-def report(r, cfg):
+def report(r, cfg, log=print):
     """Print an evaluation: accuracy per answer position, the verdict, and the worked example."""
-    names, graph = position_names(cfg.path_len, cfg.reverse), r["example"]
-    print(f"  {'position':<10}" + "".join(f"{n:>7}" for n in names))
-    print(f"  {'forced':<10}" + "".join(f"{x:>7.3f}" for x in r["forced_token_acc"]) +
-          f"   exact match {r['test_exact_match']:.3f}")
-    print("  -> " + verdict(r, cfg))
-    answer = graph.split("=")[1].split(",")[::-1 if cfg.reverse else 1]
-    print(f"  example   {graph}   (test graph {r['example_index']})\n  {'true':<10}{' '.join(answer)}\n  {'model':<10}"
-          f"{' '.join(map(str, r['example_pred']))}   {explain(graph, r['example_pred'], cfg.reverse)}")
+    ex, row = r["example"], lambda name, xs: f"  {name:<10}" + "".join(f"{x:>7}" for x in xs)
+    log(row("position", position_names(cfg.path_len, cfg.reverse)))
+    log(row("forced", [f"{x:.3f}" for x in r["forced_token_acc"]]) +
+        f"   exact match {r['test_exact_match']:.3f}\n  -> {verdict(r, cfg)}")
+    graph = decode(encode(np.array([ex["edges"]]), np.array([ex["path"]]), cfg.num_nodes)[0],
+                   cfg.num_nodes)[0]
+    log(f"  example   {graph}   (test graph {ex['index']})\n" + row("true", ex["path"][::-1]
+        if cfg.reverse else ex["path"]) + "\n" + row("model", ex["pred"]) + "   " +
+        explain(ex["edges"], ex["path"], ex["pred"], cfg.reverse))
 
-# ----------------------------------------------------------------------------- training
-
-def knob(default, help, **kw):
-    """A Config field. It stays None until a preset or an explicit value sets it; `default` is last."""
-    return field(default=None, metadata=dict(default=default, help=help, **kw))
-
-# Presets by (name, model): starting values that Config fills in below any value given.
-PAPER = dict(n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, max_iters=500 * 200_000 // 256,
-             warmup_iters=1_000, eval_interval=5_000, log_interval=500)  # 500 epochs of 200k graphs
-# Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
-# smaller batches and more steps show the same signature in a few minutes.
-QUICK_MAMBA = dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250)
-# G(2,3): the answer is s, n1, g, and n1 = parent(g) is a one-step plan. Teacherless training learns
-# it in ~5 CPU minutes; next-token training still guesses n1.
-G23 = dict(path_len=3, n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250)
-# G(2,5), the paper's graph: the plan is three lookups back from g (n3, n2, then n1), each a plateau.
-# Depth shortens them and a constant lr outlasts them (a cosine decays before the last one ends).
-G25 = dict(n_layer=8, n_train=200_000, batch_size=256, lr=5e-4, min_lr_frac=1, max_iters=16_000,
-           eval_interval=1000, log_interval=500)
+# %% training: the config
+# A preset is a few overrides of the defaults, each with its reason (as nanoGPT's config files);
+# RESULTS.md has the runs behind each value.
 PRESETS = {
-    ("quick", "gpt"): {},  # the Config defaults: a 2-core laptop CPU shows the Clever-Hans signature in minutes
-    ("quick", "mamba"): QUICK_MAMBA,
-    ("paper", "gpt"): dict(PAPER, n_layer=12, n_embd=384, n_head=6),
-    ("paper", "mamba"): dict(PAPER, n_layer=12, n_embd=384),
-    ("g23", "gpt"): G23,
-    ("g23", "mamba"): dict(QUICK_MAMBA, **G23),
-    ("g25", "gpt"): G25,  # no Mamba: teacherless Mamba has not won even on G(2,4) (RESULTS.md)
+    "quick": {},  # the defaults: a laptop CPU shows the Clever-Hans signature in minutes
+    "g23": dict(path_len=3,       # s, n1, g: n1 = parent(g), a one-step plan
+                n_train=200_000,  # the paper's training set
+                batch_size=256, max_iters=3000, eval_interval=250),
+    "g25": dict(n_layer=8,        # depth shortens the plateaus of the plan's three links
+                n_train=200_000, batch_size=256,
+                lr=5e-4,          # higher rates stayed on the first plateau
+                min_lr_frac=1,    # constant: a cosine decays before the last plateau ends
+                fresh_after=6000,  # the pool gets the model off the first plateau; then new graphs
+                max_iters=16_000, eval_interval=1000, log_interval=500),
+    "paper": dict(n_layer=12, n_embd=384, n_head=6, n_train=200_000, n_test=20_000,  # Sec. 4
+                  batch_size=256, lr=5e-4, warmup_iters=1000,
+                  max_iters=390_625,  # 500 epochs of 200,000 graphs
+                  eval_interval=5000, log_interval=500),
 }
+# Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
+# smaller batches, a higher lr and more steps show the same signature in minutes.
+MAMBA_PRESETS = dict(quick=dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500,
+                                eval_interval=250), g23=dict(PRESETS["g23"], n_layer=2, lr=3e-3))
+
+def knob(default, help, **checks):
+    """A Config field with its help line and checks: min, max, choices, and fixed (a model or task
+    knob, which a resumed run cannot change)."""
+    return field(default=default, metadata=dict(help=help, **checks))
 
 @dataclass
 class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
-    deg: int = knob(2, "number of arms leaving the start node s", min=1)
-    path_len: int = knob(5, "nodes on the path s..g, s included", min=2)
-    num_nodes: int = knob(50, "node labels 0..num_nodes-1 (read off the data when loading files)", min=1)
-    n_train: int = knob(50_000, "training graphs (the pool, epoch after epoch, until --fresh_after)", min=1)
-    fresh_after: int = knob(0, "from this step on, train on new graphs, each seen once (0: never)", min=0)
+    deg: int = knob(2, "arms leaving the start node s", min=1, fixed=True)
+    path_len: int = knob(5, "nodes on the path s..g, s included", min=2, fixed=True)
+    num_nodes: int = knob(50, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
+    n_train: int = knob(50_000, "training graphs: the pool, seen epoch after epoch", min=1)
+    fresh_after: int = knob(0, "from this step on, new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
     reverse: bool = knob(False, "target the reversed path g..s (each step is a parent lookup)")
-    teacherless: bool = knob(False, "replace answer inputs by '$' and predict the whole answer at once")
+    teacherless: bool = knob(False, "replace the answer inputs by '$': plan the whole answer")
     # model
-    model: str = knob("gpt", "architecture", choices=("gpt", "mamba"))
-    n_layer: int = knob(4, "layers", min=1)
-    n_embd: int = knob(128, "width (d_model)", min=1)
-    n_head: int = knob(4, "attention heads (gpt)", min=1)
-    d_state: int = knob(16, "SSM state size N (mamba)", min=1)
-    expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1)
-    d_conv: int = knob(4, "causal conv kernel (mamba)", min=1)
+    model: str = knob("gpt", "gpt or mamba", choices=("gpt", "mamba"), fixed=True)
+    n_layer: int = knob(4, "layers", min=1, fixed=True)
+    n_embd: int = knob(128, "width (d_model)", min=1, fixed=True)
+    n_head: int = knob(4, "attention heads (gpt)", min=1, fixed=True)
+    d_state: int = knob(16, "SSM state size N (mamba)", min=1, fixed=True)
+    expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1, fixed=True)
+    d_conv: int = knob(4, "causal conv kernel (mamba)", min=1, fixed=True)
     # training
     batch_size: int = knob(128, "graphs per step, over all processes", min=1)
     lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
-    min_lr_frac: float = knob(0.1, "cosine decay ends at lr * min_lr_frac (1: constant after warmup)", min=0)
+    min_lr_frac: float = knob(0.1, "cosine decay to lr * this (1: constant)", min=0, max=1)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
     max_iters: int = knob(600, "optimizer steps", min=0)
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)", min=0)
+    beta2: float = knob(0.95, "AdamW beta2 (torch's default: 0.999)", min=0, max=1)
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", min=0)
-    dtype: str = knob("auto", "compute dtype; auto = bf16 autocast where the device runs it natively",
+    dtype: str = knob("auto", "auto: bf16 autocast where the device has native bf16",
                       choices=("auto", "bfloat16", "float32"))
-    compile: bool = knob(False, "torch.compile the training step")
-    device: str = knob("auto", "auto picks cuda, then mps, then cpu")
-    seed: int = knob(1337, "seed for data, init and batches")
-    # logging and I/O
+    compile: bool = knob(False, "torch.compile the model for training")
+    compile_mode: str = knob("default", "with --compile; reduce-overhead: CUDA graphs",
+                             choices=("default", "reduce-overhead", "max-autotune"))
+    device: str = knob("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    threads: int = knob(0, "CPU threads (0: one per core no other process keeps busy)", min=0)
+    seed: int = knob(1337, "seed for data, init and batches", min=0, max=2**32 - 1)
+    # logging and files
     log_interval: int = knob(50, "print a progress line every this many steps", min=1)
-    eval_interval: int = knob(300, "evaluate on the test set every this many steps (0: only at the end)", min=0)
+    eval_interval: int = knob(300, "evaluate every this many steps (0: at the end)", min=0)
     out_dir: str = knob("", "write results.json and ckpt.pt here")
-    resume: str = knob("", "continue from this ckpt.pt, with its settings (flags given override them)")
-    export_data: str = knob("", "write DIR/train.txt and DIR/test.txt in the original format, then exit")
-    train_file: str = knob("", "load training graphs from this file (original text format)")
-    test_file: str = knob("", "load test graphs from this file (original text format)")
-    preset: str = knob("quick", "starting values, below any value given: quick (CPU minutes), paper (one GPU), "
-                       "g23 and g25 (where teacherless wins: CPU minutes, ~1 hour on 2 bf16 cores; g25 for gpt only)",
-                       choices=tuple(dict.fromkeys(name for name, _ in PRESETS)))
+    overwrite: bool = knob(False, "replace a run (or exported data) already in the folder")
+    resume: str = knob("", "continue from this ckpt.pt with its settings (flags override them)")
+    export_data: str = knob("", "write DIR/train.txt and DIR/test.txt, then exit")
+    train_file: str = knob("", "training graphs from this file (original text format)")
+    test_file: str = knob("", "test graphs from this file (original text format)")
+    preset: str = knob("quick", "overrides of the defaults (README)", choices=tuple(PRESETS))
 
-    def __post_init__(self):
-        # A value given wins, then the preset's for this model, then the default above: so that
-        # Config(preset="g23", teacherless=True) is the same run as --preset g23 --teacherless.
-        self.model, self.preset = self.model or "gpt", self.preset or "quick"
-        if (self.preset, self.model) not in PRESETS:
-            raise UsageError(f"no preset '{self.preset}' for model '{self.model}': see python nanofail.py -h")
-        for f in fields(self):
-            if getattr(self, f.name) is None:
-                setattr(self, f.name, PRESETS[self.preset, self.model].get(f.name, f.metadata["default"]))
-            if "min" in f.metadata and getattr(self, f.name) < f.metadata["min"]:
-                raise UsageError(f"--{f.name} must be >= {f.metadata['min']} (got {getattr(self, f.name)})")
+    def __init__(self, preset="quick", **given):
+        # The defaults above, then the preset's values for this model, then the values given: so
+        # Config(preset="g23", teacherless=True) is the run of --preset g23 --teacherless.
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise UsageError(f"unknown knob {min(unknown)}: see python nanofail.py -h")
+        check({f.name: f for f in fields(self)}["preset"], preset)
+        mine = MAMBA_PRESETS if given.get("model") == "mamba" else PRESETS
+        defaults = {f.name: f.default for f in fields(self)}
+        for k, v in {**defaults, **mine.get(preset, PRESETS[preset]), **given}.items():
+            setattr(self, k, v)
+        self.preset = preset
+        for f in fields(self):  # what the command line checks, from Python too
+            check(f, getattr(self, f.name))
 
-# Where teacherless GPT beats next-token GPT on the same graph and budget (RESULTS.md). G(2,5): the
-# pool to step 6000, then new graphs, ~1 hour on 2 bf16 CPU cores (seeds 2 and 4 of four win); G(2,3): minutes.
-WIN_COMMANDS = ("python nanofail.py --preset g25 --teacherless --fresh_after 6000 --seed 2",
-                "python nanofail.py --preset g23 --teacherless")
+def check(f, v):
+    """One knob's value against its field: its type, choices and range."""
+    m, name = f.metadata, f"--{f.name}"
+    if type(v) is not f.type and not (f.type is float and type(v) is int):  # True is no int here
+        raise UsageError(f"{name} must be of type {f.type.__name__} (got {v!r})")
+    if v not in m.get("choices", [v]):
+        raise UsageError(f"{name} must be one of {', '.join(m['choices'])} (got {v})")
+    if f.type in (int, float) and not (math.isfinite(v) and m.get("min", -math.inf) <= v <=
+                                       m.get("max", math.inf)):
+        lo, hi = m.get("min", "-inf"), m.get("max", "inf")
+        raise UsageError(f"{name} must be in [{lo}, {hi}] (got {v})")
 
 def known_knobs(saved):
-    """A config dict saved by this or an older version: knobs Config no longer has are dropped, and the
-    knobs it did not have yet take their default, which is what that version did (not the preset's)."""
-    return {f.name: saved.get(f.name, f.metadata["default"]) for f in fields(Config)}
+    """A config saved by this or an older version: knobs it did not have take their default (what
+    that version did, not the preset's); knobs no longer here are dropped."""
+    return {f.name: saved.get(f.name, f.default) for f in fields(Config)}
 
-def command(cfg, **change):
-    """The command line that runs cfg with `change` applied: its preset, then the flags that differ from
-    the preset, leaving out where it writes and what its data files set (task and set sizes)."""
-    cfg = Config(**{**asdict(cfg), **change})
-    base = dict(asdict(Config(preset=cfg.preset, model=cfg.model)), model="gpt")
-    skip = {"preset", "out_dir", "resume"}
-    if cfg.train_file or cfg.test_file:  # make_splits reads the task off the files, and each file's size
-        skip |= {"deg", "path_len", "num_nodes"} | {n for n, f in (("n_train", cfg.train_file), ("n_test", cfg.test_file)) if f}
-    flags = [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}"
-             for k, v in asdict(cfg).items() if v != base[k] and k not in skip]
-    return " ".join(["python nanofail.py"] + [f"--preset {cfg.preset}"] * (cfg.preset != "quick") + flags)
+# %% training: data, device, optimizer, files
 
-def make_splits(cfg):
-    """Train and test graphs, generated from cfg.seed or read from the original text files (then deg,
-    path_len and num_nodes are read off the data). No test prompt occurs in the training set."""
-    loaded = {k: read_graphs(f) for k, f in (("train", cfg.train_file), ("test", cfg.test_file)) if f}
+def check_memory(n_graphs, deg, path_len):
+    """Refuse, before drawing them, more graphs than this machine's memory holds."""
+    need = n_graphs * 16 * (6 * deg * (path_len - 1) + 2 * path_len + 8)  # int64 arrays and copies
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    if have and need > have:
+        raise UsageError(f"{n_graphs:,} graphs of G({deg},{path_len}) need ~{need / 2**30:.0f} GiB,"
+                         f" not {have / 2**30:.0f}: lower --n_train, --n_test or --max_iters")
+
+def make_splits(cfg, log=print):
+    """(train, test, task): graphs generated from cfg.seed or read from the original text files, and
+    what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
+    loaded = {}
+    for split, name in (("train", cfg.train_file), ("test", cfg.test_file)):
+        try:
+            with open(name or os.devnull) as f:
+                loaded.update({split: parse_graphs(f.read(), name)} if name else {})
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read {name}: {e}")
+    task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
         (E, L), *other = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}
-        if other or E % (L - 1):
-            raise UsageError("--train_file and --test_file must hold path-star graphs of one size")
-        cfg.deg, cfg.path_len = E // (L - 1), L
-        cfg.num_nodes = max(max(int(e.max()) for e, _ in loaded.values()) + 1, 1 + cfg.deg * (L - 1))
-    if cfg.deg < 1 or cfg.path_len < 2 or 1 + cfg.deg * (cfg.path_len - 1) > cfg.num_nodes:
-        raise UsageError(f"G({cfg.deg},{cfg.path_len}) needs {1 + cfg.deg * (cfg.path_len - 1)} distinct node labels, "
-                         f"not {cfg.num_nodes}: raise --num_nodes or lower --deg/--path_len")
-    rng_test, rng_train = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
-    task = (cfg.deg, cfg.path_len, cfg.num_nodes)
-    test = loaded.get("test") or make_graphs(cfg.n_test, *task, rng_test)
-    train = loaded.get("train") or fresh_graphs(cfg.n_train, *task, rng_train, avoid=test)
-    cfg.n_train, cfg.n_test = len(train[0]), len(test[0])
-    return train, test
+        labels = 1 + max(int(e.max()) for e, _ in loaded.values())
+        task, given = dict(deg=E // (L - 1), path_len=L, num_nodes=max(labels, 1 + E)), task
+        if other:
+            raise UsageError("--train_file and --test_file hold graphs of different sizes")
+        if task != given:  # the data wins: say so
+            log("note: the data sets the task: " + " ".join(f"--{k} {v}" for k, v in task.items()))
+    deg, L, N = task.values()
+    if 1 + deg * (L - 1) > N:
+        raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
+                         "--num_nodes or lower --deg/--path_len")
+    fresh = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size if cfg.fresh_after else 0
+    check_memory(("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test + fresh,
+                 deg, L)  # and the new graphs of --fresh_after, before step 1
+    rng_test, rng_train = map(np.random.default_rng, np.random.SeedSequence(cfg.seed).spawn(2))
+    test = loaded.get("test") or make_graphs(cfg.n_test, deg, L, N, rng_test)
+    train = loaded.get("train") or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
+    if "train" in loaded and not set(prompt_keys(*train)).isdisjoint(prompt_keys(*test)):
+        raise UsageError("--train_file and --test_file share prompts: pass disjoint sets")
+    return train, test, dict(task, n_train=len(train[0]), n_test=len(test[0]))
 
 def unseen_graphs(cfg, test):
-    """The graphs for the steps from --fresh_after on: one per training example left, drawn from a seed
-    of their own (the third child of cfg.seed; make_splits uses the first two), none a test prompt."""
+    """The graphs of the steps from --fresh_after on, one per training example left, none a test
+    prompt, from a seed of their own (the third child of cfg.seed; make_splits uses two)."""
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2])
     n = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size
     return fresh_graphs(n, cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
 
-def pick_device(name):
-    """auto: cuda, then mps, then cpu. A device this machine does not have is a usage error."""
+def pick_device(name, threads):
+    """auto: cuda, then mps, then cpu; a device this machine lacks is a usage error. On the CPU,
+    threads=0 takes one per core that no other process keeps busy (a thread that shares its core
+    with a busy process makes every step wait for it): torch's count, less the runnable tasks of
+    /proc/loadavg but this one, at the lowest of five looks."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    try:
-        device = torch.device(("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name)
-    except RuntimeError:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
         raise UsageError(f"unknown --device {name}: use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name)
     if (device.type == "cuda" and not cuda) or (device.type == "mps" and not mps):
         raise UsageError(f"--device {name} is not available on this machine: use --device auto")
+    if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
+        busy = 0
+        if os.path.exists("/proc/loadavg"):  # 'running/total' is its fourth field
+            looks = [open("/proc/loadavg").read().split()[3] for _ in range(5)]
+            busy = min(int(x.split("/")[0]) for x in looks) - 1
+        torch.set_num_threads(threads or max(1, CPU_THREADS - busy))
     return device
 
 def autocast_dtype(dtype, device):
-    """bf16 autocast where the hardware has native bf16 math (Ampere+ GPUs, AVX512-BF16/AMX CPUs)."""
-    if dtype == "auto":
-        native = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
-            device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-        return torch.bfloat16 if native else torch.float32
-    return getattr(torch, dtype)
+    """auto: bf16 where the hardware has native bf16 math (Ampere+ GPUs, AVX512-BF16/AMX CPUs)."""
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (
+        device.type == "cpu" and cpu_bf16)
+    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if native else torch.float32
 
 @contextmanager
 def compute_context(device, dtype):
     """Every forward pass runs in here: autocast to `dtype`, and on CPU the plain math attention
-    (PyTorch's fused CPU attention kernel is ~3x slower in bf16 at these ~30-token sequences)."""
+    (PyTorch's fused CPU attention kernel is slower in bf16 at these short sequences)."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
             (sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()):
         yield
@@ -483,26 +509,24 @@ def lr_at(step, cfg):
 
 def make_optimizer(model, cfg, device):
     """AdamW; weight decay on matrices only (not norms, biases, or Mamba's A_log and D)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+    decay = [p for p in model.parameters() if p.dim() >= 2 and not hasattr(p, "_no_weight_decay")]
     rest = [p for p in model.parameters() if not any(p is d for d in decay)]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2),
+                             fused=device.type in ("cuda", "cpu"))
 
 def batches(n, batch_size, gen):
-    """Endless shuffled epochs of row indices, drawn where `gen` lives (on a GPU: no host sync)."""
+    """Endless shuffled epochs of whole batches of row indices (static shapes), drawn where `gen`
+    lives (on a GPU: no host sync)."""
     while True:
-        perm = torch.randperm(n, generator=gen, device=gen.device)
-        for i in range(0, max(n - batch_size, 0) + 1, batch_size):
-            yield perm[i:i + batch_size]
-
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense, for MFU on CUDA
+        yield from torch.randperm(n, generator=gen, device=gen.device)[:n - n % batch_size].view(
+            -1, batch_size)
 
 def distributed(device):
-    """Under torchrun (RANK set): join the process group, one GPU per process on CUDA (nccl), gloo on
-    CPU. Returns (rank, world_size, device). Without torchrun: (0, 1, device), nothing imported."""
+    """Under torchrun (RANK set): join the process group, one GPU per process (nccl), or gloo on
+    the CPU. Returns (rank, world_size, device); without torchrun (0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    import torch.distributed as dist
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -512,158 +536,209 @@ def distributed(device):
 def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["model"], ckpt["optimizer"], ckpt["step"], ckpt["history"], ckpt["config"]  # noqa: B018  (all there?)
+        assert {"model", "optimizer", "step", "history", "config"} <= set(ckpt)
         return ckpt
     except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): pass a ckpt.pt written by nanofail")
+        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): pass a ckpt.pt")
 
-def train(cfg):
-    """Train cfg's model on cfg's task and objective, evaluating every eval_interval steps. Returns the
-    history of evaluations (also in out_dir/results.json; the model and optimizer in out_dir/ckpt.pt)."""
-    # data: every process builds the same splits from the same seed, tokenised once, on the device
-    (tr_edges, tr_path), (te_edges, te_path) = make_splits(cfg)
-    rank, world, device = distributed(pick_device(cfg.device))
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch_size {cfg.batch_size} does not split over {world} processes")
-    L, N = cfg.path_len, cfg.num_nodes
-    test_seq, P = encode(te_edges, te_path, N, cfg.reverse)
-    test_seq = torch.from_numpy(test_seq).to(device)
-    def train_data(step):
-        """The training sequences from `step` on, and batches drawn from `step`'s seed: a run resumed
-        at the switch to new graphs draws the same batches as one run that passes through it."""
-        graphs = unseen_graphs(cfg, (te_edges, te_path)) if 0 < cfg.fresh_after <= step else (tr_edges, tr_path)
-        seq = torch.from_numpy(encode(*graphs, N, cfg.reverse)[0]).to(device)
-        return seq, batches(len(seq), cfg.batch_size, torch.Generator(device).manual_seed(cfg.seed + step))
-    # model and optimizer, fresh or from a checkpoint
+def claim_folder(path, files, flag, overwrite, resumed=""):
+    """Make the folder and check now, not at the first save, that it can be written; refuse to
+    replace another run's files there unless --overwrite (resumed: the ckpt.pt continued)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"cannot write to {path} for --{flag} ({e.strerror}): pass another folder")
+    taken = [f for f in files if os.path.exists(os.path.join(path, f))]
+    if resumed and os.path.samefile(os.path.dirname(resumed) or ".", path):
+        taken = []  # a run resumed in its own folder goes on writing there
+    if taken and not overwrite:
+        go_on = f", --resume {os.path.join(path, 'ckpt.pt')} to continue it," * (flag == "out_dir")
+        raise UsageError(f"{path} holds {' and '.join(taken)} already: pass a new --{flag}{go_on}"
+                         " or --overwrite")
+
+def save_run(cfg, model, opt, step, history):
+    """results.json (every evaluation) and ckpt.pt (model, optimizer, step) in cfg.out_dir, each
+    written to a .tmp file and renamed: a crash never leaves a half-written file."""
+    results = dict(config=asdict(cfg), history=history, final=history[-1])
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), step=step,
+                history=history)
+    for name, obj in (("results.json", results), ("ckpt.pt", ckpt)):
+        path = os.path.join(cfg.out_dir, name)
+        with open(path + ".tmp", "w" if name.endswith("json") else "wb") as f:
+            json.dump(obj, f, indent=1) if name.endswith("json") else torch.save(obj, f)
+        os.replace(path + ".tmp", path)
+    return path
+
+# %% training: the loop
+
+def setup(cfg, device, world, log):
+    """Before step 1: the out_dir, the data, the model and its optimizer, fresh or from cfg.resume.
+    Returns cfg (with the data's task), train and test graphs, model, optimizer, step, history."""
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else dict(step=0, history=[])
+    if cfg.out_dir and ckpt["step"] < cfg.max_iters:
+        claim_folder(cfg.out_dir, ("ckpt.pt", "results.json"), "out_dir", cfg.overwrite, cfg.resume)
+    train_set, test_set, task = make_splits(cfg, log)
+    if cfg.resume:  # the model's vocabulary and positions are those of the checkpoint's task
+        old = [ckpt["config"][k] for k in ("deg", "path_len", "num_nodes")]
+        if old[:2] != [task["deg"], task["path_len"]] or task["num_nodes"] > old[2]:
+            raise UsageError(f"the checkpoint learned G({old[0]},{old[1]}) on {old[2]} labels, not "
+                             f"G({task['deg']},{task['path_len']}): pass data of its task")
+        task["num_nodes"] = old[2]
+    cfg = replace(cfg, **task)
+    if cfg.batch_size % world or cfg.batch_size > cfg.n_train:
+        raise UsageError(f"--batch_size {cfg.batch_size} must split over {world} process(es) and "
+                         f"not exceed the {cfg.n_train} training graphs")
     torch.manual_seed(cfg.seed)
-    raw = build_model(cfg, vocab_size=N + 4, block_size=P + L - 1).to(device)
-    opt = make_optimizer(raw, cfg, device)
-    step, history, saved = 0, [], cfg.resume  # saved: the last checkpoint, named if the run stops
+    block_size = 3 * cfg.deg * (cfg.path_len - 1) + 2 + cfg.path_len  # prompt and answer inputs
+    model = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
+    opt = make_optimizer(model, cfg, device)
     if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, history = ckpt["step"], ckpt["history"]
-    (train_seq, stream), start, per_rank = train_data(step), step, cfg.batch_size // world
-    model = torch.compile(raw) if cfg.compile else raw  # evaluation runs `raw`: only training is compiled
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])  # the saved moments; flags given win for the rest
+        opt.param_groups[0]["weight_decay"] = cfg.weight_decay
+        for g in opt.param_groups:
+            g["betas"] = (0.9, cfg.beta2)
+        done = ckpt["step"] >= cfg.max_iters
+        log(f"resumed from {cfg.resume} at step {ckpt['step']}" + (
+            f"; nothing to train (--max_iters {cfg.max_iters}): one evaluation" if done else ""))
+    objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+    log(f"{cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} x "
+        f"{world} | G({cfg.deg},{cfg.path_len}) N={cfg.num_nodes} | {cfg.n_train} train / "
+        f"{cfg.n_test} test graphs | {objective}")
+    return cfg, train_set, test_set, model, opt, ckpt["step"], ckpt["history"]
+
+def train_batches(cfg, step, train_set, test_set, device, log):
+    """Each step's global batch (B, P+L) from `step` on: the pool, then from fresh_after on the new
+    graphs, each seen once. Each set's batches are drawn from the seed of the step it starts at,
+    so a run resumed at the switch draws the batches of one run that passes through it."""
+    while True:
+        fresh = 0 < cfg.fresh_after <= step
+        graphs = unseen_graphs(cfg, test_set) if fresh else train_set
+        seq = torch.from_numpy(encode(*graphs, cfg.num_nodes, cfg.reverse)[0]).to(device)
+        if fresh and step == cfg.fresh_after:  # the pool has done its work: new graphs from here
+            log(f"step {step}: from here on {len(seq)} new graphs, each seen once")
+        for idx in batches(len(seq), cfg.batch_size, torch.Generator(device).manual_seed(cfg.seed + step)):
+            yield seq[idx]
+            step += 1
+            if step == cfg.fresh_after:
+                break
+
+def progress(step, losses, seconds, cfg, model):
+    """A progress line: mean loss, lr, speed in steps and in FLOPs (6 per parameter and token,
+    plus attention's 12 * n_layer * n_embd * T: the PaLM / nanoGPT estimate; no Mamba scan)."""
+    its, T = len(losses) / seconds, 3 * cfg.deg * (cfg.path_len - 1) + 2 + cfg.path_len
+    n_params = sum(p.numel() for p in model.parameters())
+    attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
+    flops, eta = (6 * n_params + attn) * T * cfg.batch_size * its, (cfg.max_iters - step) / its / 60
+    return (f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
+            f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | ETA {eta:.1f}m")
+
+def resume_hint(saved, cfg):
+    if saved:
+        return f"The last checkpoint is {saved}; continue with: python nanofail.py --resume {saved}"
+    if cfg.out_dir:
+        return f"No checkpoint yet: the first comes at step {cfg.eval_interval or cfg.max_iters}."
+    return "No checkpoint was written (--out_dir DIR keeps one at every evaluation)."
+
+def finite(window, step, cfg, saved):
+    """The losses of the steps since the last log line, stacked; a nan or inf stops the run."""
+    losses = torch.stack(window)
+    if not torch.isfinite(losses).all():
+        j = int((~torch.isfinite(losses)).nonzero()[0])
+        raise Stopped(f"the loss is {losses[j].item()} at step {step - len(window) + 1 + j}: training"
+                      f" diverged; lower --lr (now {cfg.lr:g}). {resume_hint(saved, cfg)}")
+    return losses
+
+def train(cfg, log=print):
+    """Train cfg's model on cfg's task and objective, evaluating every eval_interval steps. Returns
+    (model, history); out_dir keeps results.json and ckpt.pt. log=None trains without a word."""
+    rank, world, device = distributed(pick_device(cfg.device, cfg.threads))
+    log = log if log and rank == 0 else (lambda *a, **k: None)  # only rank 0 speaks and saves
+    cfg, train_set, test_set, raw, opt, step, history = setup(cfg, device, world, log)
+    data, start = train_batches(cfg, step, train_set, test_set, device, log), step
+    model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw  # evaluation: raw
     if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    dtype = autocast_dtype(cfg.dtype, device)
-    amp = lambda: compute_context(device, dtype)  # noqa: E731
-    log = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 speaks, evaluates and saves
-    n_params, T = sum(p.numel() for p in raw.parameters()), P + L - 1
-    # FLOPs per step, the PaLM / nanoGPT estimate: 6 per parameter and token (matmuls forward and
-    # backward) plus attention's 12 * n_layer * n_embd * T (the Mamba scan is not counted)
-    step_flops = (6 * n_params + (12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0)) * T * cfg.batch_size
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
-    log(f"{cfg.model} {n_params / 1e6:.2f}M params on {device}{f' x {world}' if world > 1 else ''} ({str(dtype)[6:]}) | "
-        f"G({cfg.deg},{L}) N={N} | {len(train_seq)} train / {len(test_seq)} test graphs | prompt {P} tokens, answer {L} | "
-        f"{'teacherless' if cfg.teacherless else 'next-token'}{' reverse' if cfg.reverse else ''}")
-    if cfg.out_dir and rank == 0:
-        make_dir(cfg.out_dir, "out_dir")
-    window, t_window, t_start = [], time.time(), time.time()
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    amp = lambda: compute_context(device, autocast_dtype(cfg.dtype, device))  # noqa: E731
+    P, N, saved, window = 3 * cfg.deg * (cfg.path_len - 1) + 3, cfg.num_nodes, cfg.resume, []
+    t0 = t_start = time.time()
+    ev = lambda: evaluate(raw, *test_set, N, cfg.reverse, cfg.teacherless, amp)  # noqa: E731
     try:
         while step < cfg.max_iters:
-            if step == cfg.fresh_after != start:  # the pool has done its work: new graphs from here on
-                train_seq, stream = train_data(step)
-                log(f"step {step}: from here on {len(train_seq)} new graphs, each seen once")
-            # fetch: this process's slice of the global batch
-            seq = train_seq[next(stream)[rank * per_rank:(rank + 1) * per_rank]]  # (B / world, P+L)
+            # fetch: this process's slice of the global batch, and this step's lr
+            seq = next(data).chunk(world)[rank]  # (B / world, P+L)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            # forward, backward, clip, update
+            if cfg.compile and cfg.compile_mode == "reduce-overhead":  # a new CUDA-graph replay
+                torch.compiler.cudagraph_mark_step_begin()
+            # forward, backward, clip, step
             with amp():
                 loss = answer_loss(model, seq, P, cfg.teacherless, N)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
             window.append(loss.detach())  # stays on the device: a GPU is not synced every step
-            # check: stop at the first nan or inf loss (on CUDA, checked at each progress line)
+            # check and log: stop at the first nan or inf loss (on a GPU, at each log line)
             do_eval = step == cfg.max_iters or (cfg.eval_interval and step % cfg.eval_interval == 0)
             do_log = step % cfg.log_interval == 0 or do_eval
             if device.type != "cuda" or do_log:
-                losses = torch.stack(window)
-                if not torch.isfinite(losses).all():
-                    j = int((~torch.isfinite(losses)).nonzero()[0])
-                    raise Stopped(f"the loss is {losses[j].item()} at step {step - len(window) + 1 + j}: training "
-                                  f"diverged; lower --lr (now {cfg.lr:g}). {resume_hint(saved)}")
-            # log: mean loss over the window (and over the processes), speed
+                losses = finite(window, step, cfg, saved)
+            if do_log and world > 1:  # the mean over the processes
+                dist.all_reduce(losses)
+                losses /= world
             if do_log:
-                train_loss, its = losses.mean(), len(window) / (time.time() - t_window)
-                if world > 1:
-                    torch.distributed.all_reduce(train_loss)
-                    train_loss /= world
-                log(f"step {step:>6}/{cfg.max_iters} | loss {train_loss.item():.4f} | lr {lr_at(step - 1, cfg):.1e} | "
-                    f"{its:.2f} it/s {its * cfg.batch_size * T / 1e3:.0f}k tok/s {its * step_flops / 1e9:.0f} GFLOP/s"
-                    f"{f' MFU {its * step_flops / peak / 1e10:.0f}%' if peak and dtype == torch.bfloat16 else ''} | "
-                    f"ETA {(cfg.max_iters - step) / its / 60:.1f} min", flush=True)
-            # evaluate, report, save
+                log(progress(step, losses, time.time() - t0, cfg, raw))
+            # evaluate and save
             if do_eval and rank == 0:
-                r = dict(step=step, train_loss=train_loss.item(), **evaluate(raw, test_seq, P, cfg.teacherless, N, amp))
-                k = r["example_index"]  # the worked example, in the original text format
-                r["example"] = decode(encode(te_edges[k:k + 1], te_path[k:k + 1], N)[0], N)[0]
-                history.append(r)
+                history.append(dict(step=step, train_loss=losses.mean().item(), **ev()))
                 log(f"eval at step {step}:")
-                report(r, cfg)
-                if cfg.out_dir:
-                    saved = os.path.join(cfg.out_dir, "ckpt.pt")
-                    atomic_save(dict(config=asdict(cfg), history=history, final=r), os.path.join(cfg.out_dir, "results.json"))
-                    atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), step=step,
-                                     history=history), saved)
+                report(history[-1], cfg, log)
+                saved = save_run(cfg, raw, opt, step, history) if cfg.out_dir else saved
             if do_log:
-                window, t_window = [], time.time()  # it/s counts training steps only, not evaluation
+                window, t0 = [], time.time()  # it/s counts training steps only, not evaluation
     except KeyboardInterrupt:
-        raise Stopped(f"interrupted at step {step}. {resume_hint(saved)}") from None
+        raise Stopped(f"interrupted at step {step}. {resume_hint(saved, cfg)}") from None
+    if step == start and rank == 0:  # nothing to train: evaluate what there is
+        report(dict(step=step, **ev()), cfg, log)
     log(f"done in {(time.time() - t_start) / 60:.1f} min")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return history
+    if world > 1:  # every rank gets here before any leaves: a clean shutdown
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw, history
 
-def resume_hint(ckpt_path):
-    if not ckpt_path:
-        return "No checkpoint was written (--out_dir DIR keeps one at every evaluation)."
-    return f"The last checkpoint is {ckpt_path}; continue with: python nanofail.py --resume {ckpt_path}"
-
-def atomic_save(obj, path):
-    """Write path.tmp, then rename it: a crash never leaves a half-written file."""
-    with open(path + ".tmp", "w" if path.endswith(".json") else "wb") as f:
-        json.dump(obj, f, indent=1) if path.endswith(".json") else torch.save(obj, f)
-    os.replace(path + ".tmp", path)
-
-# ----------------------------------------------------------------------------- command line
+# %% command line
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"nanofail: error: {message} (see python nanofail.py -h)\n")
 
 def parse_config(argv=None):
-    """Flags -> Config. The command line is generated from the dataclass; flags not given stay None,
-    so the preset (or, with --resume, the checkpoint's settings) fills them in."""
+    """Flags -> Config: the flags given, over the preset (or, with --resume, over the checkpoint's
+    settings). A resume that changes the model or the task is refused."""
     p = Parser(description="The Pitfalls of Next-Token Prediction, on path-star graphs.",
                argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        h = f"{f.metadata['help']} (default: {f.metadata['default']})"
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=h)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, help=h, choices=f.metadata.get("choices"))
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} (default: {f.default})", **kind)
     given = vars(p.parse_args(argv))
     if "resume" not in given:
         return Config(**given)
     saved = known_knobs(load_checkpoint(given["resume"])["config"])
-    clash = [f"--{k} {saved[k]}" for k in ("model", "n_layer", "n_embd", "n_head", "d_state", "expand", "d_conv",
-                                           "deg", "path_len", "num_nodes") if given.get(k, saved[k]) != saved[k]]
+    clash = [f"--{f.name} {saved[f.name]}" for f in fields(Config)
+             if f.metadata.get("fixed") and given.get(f.name, saved[f.name]) != saved[f.name]]
     if clash:
-        raise UsageError(f"checkpoint {given['resume']} was trained with a different model or task: use "
-                         f"{' '.join(clash)} or leave those flags out")
+        raise UsageError(f"checkpoint {given['resume']} was trained with another model or task: "
+                         f"use {' '.join(clash)} or leave those flags out")
     return Config(**{**saved, **given})
 
 @contextmanager
 def reported():
-    """Bad input, a path that cannot be written or a stopped run: one line on stderr, no traceback."""
+    """Bad input, a path that cannot be written, a stopped run: one line on stderr, no traceback."""
     try:
         yield
     except (UsageError, OSError, Stopped) as e:
@@ -673,22 +748,18 @@ def reported():
         print("nanofail: stopped: interrupted", file=sys.stderr)
         sys.exit(1)
 
-def make_dir(path, flag):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the folder {path} for --{flag} ({e.strerror}): pass another path")
-
 def main(argv=None):
     with reported():
         cfg = parse_config(argv)
-        if cfg.export_data:  # the splits in the original format, DIR/train.txt and DIR/test.txt
-            (tr_e, tr_p), (te_e, te_p) = make_splits(cfg)
-            make_dir(cfg.export_data, "export_data")
-            write_graphs(os.path.join(cfg.export_data, "train.txt"), tr_e, tr_p)
-            write_graphs(os.path.join(cfg.export_data, "test.txt"), te_e, te_p)
-            return print(f"wrote {len(tr_e)} + {len(te_e)} G({cfg.deg},{cfg.path_len}) graphs to {cfg.export_data}/")
-        train(cfg)
+        if not cfg.export_data:
+            return train(cfg, log=lambda *a: print(*a, flush=True))  # flushed: a log file follows
+        # the splits in the original format, DIR/train.txt and DIR/test.txt
+        claim_folder(cfg.export_data, ("train.txt", "test.txt"), "export_data", cfg.overwrite)
+        train_set, test_set, task = make_splits(cfg)
+        for name, graphs in (("train.txt", train_set), ("test.txt", test_set)):
+            write_graphs(os.path.join(cfg.export_data, name), *graphs)
+        print(f"wrote {task['n_train']} + {task['n_test']} G({task['deg']},{task['path_len']}) "
+              f"graphs to {cfg.export_data}/")
 
 # A notebook kernel runs cells as __main__ with its own argv (-f kernel.json): parse nothing there.
 if __name__ == "__main__" and "ipykernel" not in sys.modules and "ipykernel" not in sys.argv[0]:

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,21 @@ if DEVICE != "cpu" and not ((DEVICE.startswith("cuda") and torch.cuda.is_availab
                             or (DEVICE == "mps" and torch.backends.mps.is_available())):
     pytest.exit(f"NANOFAIL_TEST_DEVICE={DEVICE}, but this machine has no such device", returncode=1)
 
+# The one small setting every run here starts from: tiny(**kw) is it as a Config, flags(**kw) as the
+# command line of the same run (so a CLI run and a Python run of the same kw read the same data).
+TINY = dict(n_layer=1, n_embd=32, n_head=2, n_train=256, n_test=32, batch_size=32, max_iters=20,
+            warmup_iters=2, log_interval=10, eval_interval=0, dtype="float32", device=DEVICE)
+
 
 def tiny(**kw):
-    base = dict(n_layer=1, n_embd=32, n_head=2, n_train=512, n_test=64, batch_size=64, max_iters=20,
-                warmup_iters=5, log_interval=10, eval_interval=0, dtype="float32", device=DEVICE)
-    return nf.Config(**{**base, **kw})
+    return nf.Config(**{**TINY, **kw})
+
+
+def flags(**kw):
+    argv = []
+    for k, v in {**TINY, **kw}.items():
+        argv += [f"--{k}"] if v is True else [f"--no-{k}"] if v is False else [f"--{k}", str(v)]
+    return argv
 
 
 def graphs(n=500, deg=3, path_len=4, num_nodes=20, seed=0):
@@ -39,14 +51,46 @@ def graphs(n=500, deg=3, path_len=4, num_nodes=20, seed=0):
 def run_main(argv, capsys):
     """Run nanofail's CLI in-process; return (exit code, stdout, stderr)."""
     try:
-        nf.main(argv)
+        nf.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1  # what the interpreter exits with for a message
     out = capsys.readouterr()
     return code, out.out, out.err
 
-# ----------------------------------------------------------------------------- data
+
+def usage_error(argv, capsys, needle):
+    """Run the CLI and expect bad input: exit 2, one line on stderr naming `needle` (a flag, a file,
+    a number). Returns (stdout, stderr)."""
+    code, out, err = run_main(argv, capsys)
+    assert code == 2, (code, out[-500:], err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err, err
+    return out, err
+
+
+def progress_steps(stdout):
+    """The step numbers of the progress lines ('step  N/M | loss ...')."""
+    return [int(s) for s in re.findall(r"^step\s+(\d+)/\d+ \|", stdout, re.M)]
+
+
+def evaluations(stdout):
+    """How many evaluations report() printed: its rows of forced accuracy and of the model's answer."""
+    rows = [ln.split()[:1] for ln in stdout.splitlines()]
+    assert rows.count(["forced"]) == rows.count(["model"])
+    return rows.count(["forced"])
+
+
+def ckpt_step(path):
+    return torch.load(path, weights_only=True)["step"]
+
+
+def graph_text(edges, path):
+    """One graph (lists) as a line of the original text format."""
+    N = 1 + max(max(map(max, edges)), max(path))
+    return nf.decode(nf.encode(np.array([edges]), np.array([path]), N)[0], N)[0]
+
+# ---- data
 
 
 def test_graphs_are_path_stars():
@@ -68,25 +112,164 @@ def test_graphs_are_path_stars():
             assert len(arm) == path_len - 1
         assert all([u, v] in e.tolist() for u, v in zip(p[:-1], p[1:]))  # the answer follows edges
         assert p[-1] not in children  # the goal ends an arm
+    assert len(nf.not_path_stars(edges, path)) == 0
 
 
-def test_goal_arm_and_edge_order_are_random():
+def test_not_path_stars_finds_the_broken_graphs():
+    edges, path = graphs(n=20)
+    broken = edges.copy()
+    broken[3, 1] = broken[3, 0]  # a repeated edge (and an arm one edge short)
+    broken[7, 0, 1] = broken[7, 1, 1]  # a node with two parents
+    s = path[11, 0]
+    j = int(np.flatnonzero(broken[11, :, 0] != s)[0])
+    broken[11, j, 1] = s  # an arm that leads back to s
+    assert nf.not_path_stars(broken, path).tolist() == [3, 7, 11]
+
+
+def test_edge_order_is_shuffled():
     edges, path = graphs(n=4000, deg=2, path_len=5, num_nodes=50)
     first_is_start = (edges[:, 0, 0] == path[:, 0]).mean()
     assert 0.15 < first_is_start < 0.35  # 2 of 8 edges leave s: ~0.25 if shuffled, 1.0 if not
-    goal_first_arm = np.mean([p[1] == e[e[:, 0] == p[0]][:, 1].min() for e, p in zip(edges, path)])
-    assert 0.45 < goal_first_arm < 0.55
+
+
+class SortedLabels:
+    """A generator whose random() increases along the last axis, so that make_graphs' labels and edge
+    order come out unshuffled (s = 0, arm i = labels 1 + i(L-1) .. (i+1)(L-1)); all else is random."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def random(self, size, dtype=np.float64):
+        return np.broadcast_to(np.arange(size[-1], dtype=dtype) / size[-1], size).copy()
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+
+def test_goal_arm_is_random():
+    """With the labels in arm order, n1 tells which arm holds the goal: each of the deg arms about
+    equally often (a generator that always took arm 0, or the last, fails here)."""
+    n, deg, path_len = 3000, 3, 4
+    edges, path = nf.make_graphs(n, deg, path_len, 20, SortedLabels(0))
+    assert (path[:, 0] == 0).all()  # the premise: the labels came out in arm order
+    assert len(nf.not_path_stars(edges, path)) == 0
+    arm = (path[:, 1] - 1) // (path_len - 1)
+    share = np.bincount(arm, minlength=deg) / n
+    assert share.shape == (deg,) and (0.28 < share).all() and (share < 0.39).all(), share
+    # and the rest of the answer walks that arm
+    assert ((path[:, 1:] - 1) // (path_len - 1) == arm[:, None]).all()
 
 
 def test_splits_are_deterministic_and_disjoint():
     cfg = nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)  # few graphs: collisions
-    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
+    (tr_e, tr_p), (te_e, te_p), task = nf.make_splits(cfg)
     assert len(tr_e) == 2000 and len(te_e) == 200
+    assert task == dict(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)
     assert not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
-    (tr_e2, tr_p2), _ = nf.make_splits(cfg)
+    (tr_e2, tr_p2), _, _ = nf.make_splits(cfg)
     assert np.array_equal(tr_e, tr_e2) and np.array_equal(tr_p, tr_p2)
-    (tr_e3, _), _ = nf.make_splits(nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200, seed=1))
+    (tr_e3, _), _, _ = nf.make_splits(nf.replace(cfg, seed=1))
     assert not np.array_equal(tr_e, tr_e3)
+
+
+def test_make_splits_leaves_the_config_as_it_was(tmp_path):
+    f = str(tmp_path / "g23.txt")
+    nf.write_graphs(f, *graphs(n=40, deg=2, path_len=3, num_nodes=20))
+    cfg = nf.Config(test_file=f, n_train=100)
+    before = nf.asdict(cfg)
+    _, (te_e, _), task = nf.make_splits(cfg, log=lambda *a, **k: None)
+    assert nf.asdict(cfg) == before
+    assert (task["deg"], task["path_len"], task["n_test"], len(te_e)) == (2, 3, 40, 40)
+
+
+def test_text_format_round_trip(tmp_path):
+    edges, path = graphs(n=50)
+    f = str(tmp_path / "g.txt")
+    nf.write_graphs(f, edges, path)
+    e2, p2 = nf.parse_graphs(open(f).read(), f)
+    assert np.array_equal(edges, e2) and np.array_equal(path, p2)
+    assert open(f).readline().count("|") == edges.shape[1] - 1
+    assert not os.path.exists(f + ".tmp")
+
+
+def test_export_data_writes_both_files(tmp_path, capsys):
+    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"], capsys)
+    assert code == 0 and "300" in out and "30" in out
+    tr, te = (nf.parse_graphs((tmp_path / name).read_text()) for name in ("train.txt", "test.txt"))
+    (tr_e, tr_p), (te_e, te_p), _ = nf.make_splits(nf.Config(n_train=300, n_test=30))
+    assert np.array_equal(tr[0], tr_e) and np.array_equal(tr[1], tr_p)
+    assert np.array_equal(te[0], te_e) and np.array_equal(te[1], te_p)
+
+
+def test_export_data_keeps_data_already_in_the_folder(tmp_path, capsys):
+    assert run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"], capsys)[0] == 0
+    before = {f: (tmp_path / f).read_bytes() for f in ("train.txt", "test.txt")}
+    usage_error(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20", "--seed", "2"], capsys,
+                "--export_data")
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20", "--overwrite"], capsys)
+    assert code == 0 and len(nf.parse_graphs((tmp_path / "train.txt").read_text())[0]) == 200
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
+@pytest.mark.parametrize("name,deg,path_len,N,P", [("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
+                                                   ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
+                                                   ("deg_2_path_3_nodes_10_test_20000.txt", 2, 3, 10, 15)])
+def test_original_test_files_load(name, deg, path_len, N, P):
+    cfg = nf.Config(test_file=str(SHARED / name), n_train=100)
+    (tr_e, tr_p), (te_e, te_p), task = nf.make_splits(cfg, log=lambda *a, **k: None)
+    assert task == dict(deg=deg, path_len=path_len, num_nodes=N, n_train=100, n_test=20_000)
+    seq, prompt_len = nf.encode(te_e, te_p, N)
+    assert prompt_len == P and seq.shape == (20_000, P + path_len) and seq.max() < N + 4
+    assert open(SHARED / name).readline().strip().split("=")[1] == ",".join(map(str, te_p[0]))
+    assert tr_e.shape[1:] == te_e.shape[1:] and tr_e.max() < N
+    assert len(tr_e) == 100 and not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
+
+
+G22, G23 = "1,2|1,3/1,3=1,3", "1,2|2,3|1,4|4,5/1,3=1,2,3"
+
+
+@pytest.mark.parametrize("lines,lineno", [
+    ([G22, "1,2|2,3/1,3=1,2"], 2),             # the path does not end at g
+    ([G22, "1,2|1,3/1,3=1,3,x"], 2),           # not a number
+    ([G22, "1,2|1,4/1,4=1,2"], 2),             # the path does not end at g
+    ([G22, "1,2|1,4/1,4=1,5"], 2),             # the path leaves the edges
+    ([G22, "garbage"], 2),
+    (["garbage", G22], 1),
+    ([G22, G22, "1,2|1,3|1,4/1,3=1,3"], 3),    # another number of edges than line 1
+    ([G22, "1,2|1,999999999999/1,999999999999=1,999999999999"], 2),  # a label far above MAX_NODES
+    ([G22, "1,2|1,10000/1,10000=1,10000"], 2),  # the first label past MAX_NODES
+    ([G22, "1,2|1,2/1,2=1,2"], 2),             # not a path star: a repeated edge, a valid answer
+    ([G23, "1,2|2,3|2,5|1,4/1,3=1,2,3"], 2),   # not a path star: an arm branches
+    ([G23, "1,2|2,3|1,4|4,3/1,3=1,2,3"], 2),   # not a path star: two arms meet
+    ([G23, "1,2|2,3|1,4|4,1/1,3=1,2,3"], 2),   # not a path star: an arm leads back to s
+])
+def test_malformed_files_name_the_line(tmp_path, capsys, lines, lineno):
+    f = tmp_path / "bad.txt"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(nf.UsageError, match=f"bad.txt:{lineno}:"):
+        nf.parse_graphs(f.read_text(), str(f))
+    usage_error(flags(max_iters=1, test_file=f), capsys, f"bad.txt:{lineno}:")
+
+
+def test_a_data_file_sets_the_task_and_says_so(tmp_path, capsys):
+    f = tmp_path / "g23.txt"
+    nf.write_graphs(str(f), *graphs(n=40, deg=2, path_len=3, num_nodes=20))
+    code, out, _ = run_main(flags(max_iters=2, test_file=f, deg=3, num_nodes=30, out_dir=tmp_path / "run"), capsys)
+    assert code == 0
+    notes = [ln for ln in out.splitlines() if ln.startswith("note")]
+    assert len(notes) == 1 and "--deg 2" in notes[0] and "--path_len 3" in notes[0]
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert (res["config"]["deg"], res["config"]["path_len"], res["config"]["n_test"]) == (2, 3, 40)
+    assert len(res["final"]["forced_token_acc"]) == 3 and len(res["final"]["example"]["path"]) == 3
+
+
+def test_one_file_for_training_and_testing_is_refused(tmp_path, capsys):
+    f = tmp_path / "g23.txt"
+    nf.write_graphs(str(f), *graphs(n=64, deg=2, path_len=3, num_nodes=20))
+    usage_error(flags(max_iters=1, train_file=f, test_file=f), capsys, "--test_file")
+
+# ---- encoding and objectives
 
 
 def test_encoding_matches_the_original_tokens():
@@ -94,6 +277,7 @@ def test_encoding_matches_the_original_tokens():
     path = np.array([[5, 2, 8]])
     seq, P = nf.encode(edges, path, num_nodes=10)
     pipe, eq, slash = 10, 11, 12
+    assert nf.tok(10) == dict(pipe=10, eq=11, slash=12, dollar=13)
     assert P == 15 and seq[0].tolist() == [5, 2, pipe, 2, 8, pipe, 5, 9, pipe, 9, 3, slash, 5, 8, eq, 5, 2, 8]
     rev, _ = nf.encode(edges, path, num_nodes=10, reverse=True)
     assert rev[0, P:].tolist() == [8, 2, 5] and np.array_equal(rev[0, :P], seq[0, :P])
@@ -105,48 +289,6 @@ def test_decode_gives_the_original_text_format():
     assert nf.decode(seq, 10) == ["5,2|2,8|5,9|9,3/5,8=5,2,8"]
     e2, p2 = nf.parse_graphs(nf.decode(seq, 10)[0])
     assert np.array_equal(e2, edges) and np.array_equal(p2, path)
-
-
-def test_text_format_round_trip(tmp_path):
-    edges, path = graphs(n=50)
-    f = str(tmp_path / "g.txt")
-    nf.write_graphs(f, edges, path)
-    e2, p2 = nf.read_graphs(f)
-    assert np.array_equal(edges, e2) and np.array_equal(path, p2)
-    assert open(f).readline().count("|") == edges.shape[1] - 1
-
-
-def test_export_data_writes_both_files(tmp_path, capsys):
-    code, out, _ = run_main(["--export_data", str(tmp_path), "--n_train", "300", "--n_test", "30"], capsys)
-    assert code == 0 and "300 + 30" in out
-    tr, te = nf.read_graphs(str(tmp_path / "train.txt")), nf.read_graphs(str(tmp_path / "test.txt"))
-    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(nf.Config(n_train=300, n_test=30))
-    assert np.array_equal(tr[0], tr_e) and np.array_equal(te[1], te_p)
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
-@pytest.mark.parametrize("name,deg,path_len,N,P", [("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
-                                                   ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
-                                                   ("deg_2_path_3_nodes_10_test_20000.txt", 2, 3, 10, 15)])
-def test_original_test_files_load(name, deg, path_len, N, P):
-    cfg = nf.Config(test_file=str(SHARED / name), n_train=100)
-    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
-    assert (cfg.deg, cfg.path_len, cfg.num_nodes, cfg.n_test) == (deg, path_len, N, 20_000)
-    seq, prompt_len = nf.encode(te_e, te_p, cfg.num_nodes)
-    assert prompt_len == P and seq.shape == (20_000, P + path_len) and seq.max() < N + 4
-    assert open(SHARED / name).readline().strip().split("=")[1] == ",".join(map(str, te_p[0]))
-    assert len(tr_e) == 100 and not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
-
-
-@pytest.mark.parametrize("line,lineno", [("1,2|2,3/1,3=1,2", 2), ("1,2|1,3/1,3=1,3,x", 2),
-                                         ("1,2|1,4/1,4=1,2", 2), ("garbage", 2)])
-def test_malformed_files_name_the_line(tmp_path, capsys, line, lineno):
-    f = tmp_path / "bad.txt"
-    f.write_text("1,2|1,3/1,3=1,3\n" + line + "\n")
-    code, _, err = run_main(["--test_file", str(f)], capsys)
-    assert code == 2 and f"bad.txt:{lineno}:" in err and len(err.strip().splitlines()) == 1
-
-# ----------------------------------------------------------------------------- training pieces
 
 
 def test_teacherless_inputs_and_answer_positions():
@@ -164,6 +306,37 @@ def test_teacherless_inputs_and_answer_positions():
             return torch.eye(idx.shape[1])[None, -n_out:].repeat(len(idx), 1, 1)
     logits = nf.answer_logits(Position(), seq, 15, False, cfg.num_nodes)
     assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
+
+
+@pytest.mark.parametrize("teacherless", [False, True])
+def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless):
+    """What the model is given in training steps: the prompt, then '$' (teacherless) or the true
+    answer prefix (next-token)."""
+    given, batches = [], []
+    real_build, real_loss = nf.build_model, nf.answer_loss
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, a: given.append(a[0].clone()) if m.training else None)
+        return model
+
+    def loss(model, seq, *args, **kwargs):
+        batches.append(seq.clone())
+        return real_loss(model, seq, *args, **kwargs)
+    monkeypatch.setattr(nf, "build_model", build)
+    monkeypatch.setattr(nf, "answer_loss", loss)
+    cfg = tiny(max_iters=2, teacherless=teacherless)
+    nf.train(cfg, log=None)
+    P, dollar = 3 * cfg.deg * (cfg.path_len - 1) + 3, nf.tok(cfg.num_nodes)["dollar"]
+    assert len(given) == len(batches) == 2
+    for x, seq in zip(given, batches):
+        assert x.shape == (cfg.batch_size, P + cfg.path_len - 1) and torch.equal(x[:, :P], seq[:, :P])
+        if teacherless:
+            assert (x[:, P:] == dollar).all()
+        else:
+            assert torch.equal(x[:, P:], seq[:, P:-1]) and not (x[:, P:] == dollar).any()
+
+# ---- model
 
 
 def test_gpt_is_causal():
@@ -187,105 +360,11 @@ def test_last_positions_only_equal_the_full_forward(model):
         torch.testing.assert_close(net(idx, n_out=n_out), full[:, -n_out:], rtol=1e-5, atol=1e-5)
 
 
-def test_lr_schedule():
-    cfg = tiny(lr=1e-3, warmup_iters=10, max_iters=100, min_lr_frac=0.1)
-    lrs = [nf.lr_at(s, cfg) for s in range(100)]
-    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and nf.lr_at(100, cfg) == pytest.approx(1e-4)
+def test_gpt_width_must_split_over_the_heads():
+    with pytest.raises(nf.UsageError, match="n_head"):
+        nf.GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=30, n_head=4)
 
-
-def test_weight_decay_groups():
-    model = nf.GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=32, n_head=2)
-    model.ln_f.weight._no_weight_decay = True  # the flag Mamba sets on A_log and D
-    decay, rest = nf.make_optimizer(model, tiny(), torch.device("cpu")).param_groups
-    assert all(p.dim() == 2 for p in decay["params"]) and any(p is model.ln_f.weight for p in rest["params"])
-    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
-
-
-@pytest.mark.parametrize("objective", [{}, {"reverse": True}, {"teacherless": True}])
-def test_tiny_training_loss_falls(objective):
-    hist = nf.train(tiny(max_iters=80, eval_interval=20, lr=1e-2, **objective))
-    assert [h["step"] for h in hist] == [20, 40, 60, 80]
-    assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])  # from ~log(vocab)
-    r = hist[-1]
-    assert 0 <= r["test_exact_match"] <= 1 and len(r["forced_token_acc"]) == len(r["example_pred"]) == 5
-    assert r["test_exact_match"] <= min(r["forced_token_acc"]) + 1e-9
-    assert r["forced_token_acc"][0] > 0.9  # the first answer token (s, or g when reversed) is in the prompt
-
-
-@pytest.mark.parametrize("model", ["gpt", "mamba"])
-def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
-    """evaluate() scores exact match with one forward pass: decoding is right all the way exactly when
-    every teacher-forced prediction is right. Check it against real decoding, token by token."""
-    cfg = tiny(model=model, n_layer=2, n_train=16, batch_size=16, lr=1e-2)
-    (tr_e, tr_p), (te_e, te_p) = nf.make_splits(cfg)
-    seq, P = nf.encode(np.concatenate([tr_e, te_e]), np.concatenate([tr_p, te_p]), cfg.num_nodes)
-    seq = torch.from_numpy(seq).to(DEVICE)
-    torch.manual_seed(0)
-    net = nf.build_model(cfg, cfg.num_nodes + 4, seq.shape[1] - 1).to(DEVICE)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    for _ in range(60):  # memorise the 16 training graphs: some answers right, many wrong
-        loss = nf.answer_loss(net, seq[:16], P, False, cfg.num_nodes)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    r = nf.evaluate(net, seq, P, False, cfg.num_nodes, batch_size=32)
-    decoded = net.generate(seq[:, :P], seq.shape[1] - P)
-    exact = (decoded == seq[:, P:]).all(1).float().mean().item()
-    assert 0 < exact < 1 and r["test_exact_match"] == pytest.approx(exact)
-    k = r["example_index"]  # the first graph decoded wrong
-    assert (decoded[:k] == seq[:k, P:]).all() and not (decoded[k] == seq[k, P:]).all()
-    assert r["example_pred"] == decoded[k].tolist()
-
-
-def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    args = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256", "--n_test", "64",
-            "--batch_size", "32", "--warmup_iters", "2", "--device", DEVICE, "--out_dir", out]
-    assert run_main(args + ["--max_iters", "8"], capsys)[0] == 0
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert set(res) == {"config", "history", "final"} and res["final"]["step"] == 8
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["step"] == 8 and ckpt["config"]["n_embd"] == 32
-    cfg = nf.Config(**ckpt["config"])
-    model = nf.build_model(cfg, cfg.num_nodes + 4, 27 + 4)
-    model.load_state_dict(ckpt["model"])
-    (_, _), (te_e, te_p) = nf.make_splits(cfg)
-    seq, P = nf.encode(te_e, te_p, cfg.num_nodes)
-    device = torch.device(DEVICE)
-    dtype = nf.autocast_dtype(cfg.dtype, device)
-    r = nf.evaluate(model.to(device), torch.from_numpy(seq).to(device), P, False, cfg.num_nodes,
-                    lambda: nf.compute_context(device, dtype))
-    assert r["test_exact_match"] == pytest.approx(res["final"]["test_exact_match"])
-    # --resume alone continues with the checkpoint's settings; flags given override them
-    code, stdout, _ = run_main(["--max_iters", "12", "--resume", os.path.join(out, "ckpt.pt")], capsys)
-    assert code == 0 and "step     12/12" in stdout and "step      8/" not in stdout
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12
-
-def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys):
-    args = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "16",
-            "--batch_size", "16", "--warmup_iters", "2", "--min_lr_frac", "1", "--dtype", "float32", "--device", DEVICE]
-    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]  # noqa: E731
-    code, stdout, _ = run_main(args + ["--max_iters", "10", "--fresh_after", "6", "--out_dir", str(tmp_path / "one")], capsys)
-    assert code == 0 and "step 6: from here on 64 new graphs, each seen once" in stdout  # (10 - 6) * 16
-    assert run_main(args + ["--max_iters", "10", "--out_dir", str(tmp_path / "pool")], capsys)[0] == 0
-    assert run_main(args + ["--max_iters", "6", "--out_dir", str(tmp_path / "two")], capsys)[0] == 0
-    code, stdout, _ = run_main(["--resume", str(tmp_path / "two" / "ckpt.pt"), "--max_iters", "10", "--fresh_after", "6"], capsys)
-    assert code == 0 and "from here on" not in stdout  # resumed at the switch: on the new graphs from the start
-    one, two, pool = weights("one"), weights("two"), weights("pool")
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # the same run, in one go or in two
-    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # the new graphs were trained on
-    cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
-    train, test = nf.make_splits(cfg)
-    new = nf.unseen_graphs(cfg, test)
-    assert len(new[0]) == 64 and not set(nf.prompt_keys(*new)) & set(nf.prompt_keys(*train) + nf.prompt_keys(*test))
-
-def test_a_checkpoint_from_an_older_version_resumes_as_that_version_ran():
-    old = dict(nf.asdict(nf.Config(preset="g25")), dropped_knob=1)  # as if saved before --min_lr_frac existed
-    del old["min_lr_frac"]
-    assert nf.Config(**nf.known_knobs(old)).min_lr_frac == 0.1  # that version's behaviour, not the preset's 1
-
-# ----------------------------------------------------------------------------- mamba_min
+# ---- mamba_min
 
 MODES = ["ref", "loop", "chunked", "auto"]
 LENGTHS = list(range(1, 71)) + [97, 128, 211, 256]
@@ -495,7 +574,7 @@ def test_autocast_bf16_forward_and_fp32_scan():
 def test_tiny_mamba_overfits_a_handful_of_graphs():
     cfg = tiny(model="mamba", n_layer=2, n_embd=32, n_train=16, batch_size=16, max_iters=150, lr=1e-2,
                warmup_iters=10, eval_interval=150, log_interval=150)
-    (tr_e, tr_p), _ = nf.make_splits(cfg)
+    (tr_e, tr_p), _, _ = nf.make_splits(cfg)
     torch.manual_seed(cfg.seed)
     model = nf.build_model(cfg, cfg.num_nodes + 4, 31)
     opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
@@ -510,67 +589,546 @@ def test_tiny_mamba_overfits_a_handful_of_graphs():
     assert torch.equal(model.generate(seq[:, :P], 5), seq[:, P:])
 
 
-@pytest.mark.parametrize("objective", [[], ["--reverse"], ["--teacherless"]])
+@pytest.mark.parametrize("objective", [{}, {"reverse": True}, {"teacherless": True}])
 def test_nanofail_trains_mamba(tmp_path, capsys, objective):
-    args = ["--model", "mamba", "--n_layer", "1", "--n_embd", "32", "--d_state", "8", "--n_train", "256",
-            "--n_test", "32", "--batch_size", "32", "--max_iters", "30", "--lr", "1e-2", "--warmup_iters", "5",
-            "--device", DEVICE, "--out_dir", str(tmp_path)]
-    code, out, _ = run_main(args + objective, capsys)
-    assert code == 0 and "mamba" in out and "exact match" in out
+    code, _, _ = run_main(flags(model="mamba", d_state=8, max_iters=30, lr=1e-2, warmup_iters=5,
+                                out_dir=tmp_path, **objective), capsys)
     res = json.load(open(tmp_path / "results.json"))
-    assert res["config"]["model"] == "mamba" and res["history"][-1]["train_loss"] < math.log(54)
+    assert code == 0 and res["config"]["model"] == "mamba" and res["final"]["step"] == 30
+    assert res["history"][-1]["train_loss"] < math.log(54) and 0 <= res["final"]["test_exact_match"] <= 1
 
-# ----------------------------------------------------------------------------- bad input
+# ---- evaluation
+
+
+@pytest.mark.parametrize("model", ["gpt", "mamba"])
+def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
+    """evaluate() scores exact match with one forward pass: decoding is right all the way exactly when
+    every teacher-forced prediction is right. Check it against real decoding, token by token, on more
+    graphs than one evaluation batch (128)."""
+    cfg = tiny(model=model, n_layer=2, n_train=16, n_test=150, batch_size=16, lr=1e-2)
+    (tr_e, tr_p), (te_e, te_p), _ = nf.make_splits(cfg)
+    edges, path = np.concatenate([tr_e, te_e]), np.concatenate([tr_p, te_p])
+    seq, P = nf.encode(edges, path, cfg.num_nodes)
+    seq = torch.from_numpy(seq).to(DEVICE)
+    torch.manual_seed(0)
+    net = nf.build_model(cfg, cfg.num_nodes + 4, seq.shape[1] - 1).to(DEVICE)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(60):  # memorise the 16 training graphs: some answers right, many wrong
+        loss = nf.answer_loss(net, seq[:16], P, False, cfg.num_nodes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r = nf.evaluate(net, edges, path, cfg.num_nodes)
+    assert net.training  # evaluate() leaves the model as training found it
+    decoded = net.generate(seq[:, :P], seq.shape[1] - P)
+    right = (decoded == seq[:, P:]).all(1)
+    exact = right.float().mean().item()
+    assert 0 < exact < 1 and r["test_exact_match"] == pytest.approx(exact)
+    assert len(r["forced_token_acc"]) == cfg.path_len and r["test_exact_match"] <= min(r["forced_token_acc"])
+    ex = r["example"]
+    k = ex["index"]  # the first graph decoded wrong
+    assert right[:k].all() and not right[k]
+    assert ex["pred"] == decoded[k].tolist()
+    assert ex["edges"] == edges[k].tolist() and ex["path"] == path[k].tolist()
+
+
+def test_explain_names_where_the_answer_went_wrong():
+    # G(2,4): s = 5, arms 5-2-8-7 and 5-9-3-4, goal 7
+    edges, path = [[5, 2], [2, 8], [5, 9], [9, 3], [8, 7], [3, 4]], [5, 2, 8, 7]
+    assert nf.explain(edges, path, [5, 2, 8, 7]) == "right"
+    # the Clever-Hans picture: the other child of s, then its arm; g itself is copied from the prompt
+    assert nf.explain(edges, path, [5, 9, 3, 7]) == "wrong arm at n1, then n2 along the edges from there"
+    assert nf.explain(edges, path, [5, 9, 3, 4]) == "wrong arm at n1, then n2 g along the edges from there"
+    assert nf.explain(edges, path, [5, 9, 2, 7]) == "wrong arm at n1, n2 too"  # 2 does not follow 9
+    assert nf.explain(edges, path, [5, 2, 3, 7]) == "wrong at n2"
+    assert nf.explain(edges, path, [7, 8, 2, 5], reverse=True) == "right"
+    assert nf.explain(edges, path, [7, 3, 9, 5], reverse=True) == "wrong at n2, then n1 along the edges from there"
+
+
+def first_word(r, **cfg):
+    return nf.verdict(r, nf.Config(**cfg)).split()[0].rstrip(":")
+
+
+@pytest.mark.parametrize("forced,exact,cfg,word", [
+    ([1.0, 0.51, 1.0, 1.0, 1.0], 0.51, {}, "Clever"),               # n1 a guess among 2, the rest read off
+    ([1.0, 0.21, 0.99, 1.0], 0.2, dict(deg=5, path_len=4), "Clever"),  # a guess among 5
+    ([1.0, 0.5, 0.99, 1.0], 0.5, dict(deg=5, path_len=4), "still"),    # above 1/deg: learning n1
+    ([1.0, 0.51, 0.6, 1.0, 1.0], 0.3, {}, "still"),                  # the lookups not learned yet
+    ([0.2] * 5, 0.0, {}, "still"),
+    ([1.0, 0.51, 1.0, 1.0, 1.0], 0.51, dict(reverse=True), "still"),  # reversed: no n1 to guess
+    ([1.0] * 5, 0.97, {}, "solved"),
+    ([1.0] * 5, 0.97, dict(reverse=True), "solved"),
+    ([1.0] * 5, 0.97, dict(teacherless=True), "solved"),
+    ([1.0, 0.17, 0.16, 0.98, 1.0], 0.0, dict(teacherless=True), "teacherless"),
+    ([1.0, 0.51, 1.0, 1.0, 1.0], 0.51, dict(teacherless=True), "teacherless"),
+    ([0.2] * 5, 0.0, dict(teacherless=True), "teacherless"),
+    ([0.2] * 5, 0.0, dict(teacherless=True, model="mamba"), "teacherless"),
+])
+def test_verdicts_read_the_accuracy_pattern(forced, exact, cfg, word):
+    assert first_word(dict(forced_token_acc=forced, test_exact_match=exact), **cfg) == word
+
+
+def test_teacherless_verdict_names_what_is_planned():
+    r = dict(forced_token_acc=[1.0, 0.17, 0.16, 0.98, 1.0], test_exact_match=0.0)
+    text = nf.verdict(r, nf.Config(teacherless=True))
+    have, lack = text.split(";")[:2]  # the planned positions, then the ones not yet
+    assert set(have.split()) >= {"s", "n3", "g"} and not {"n1", "n2"} & set(have.split())
+    assert {"n1", "n2"} <= set(lack.split())
+
+
+@pytest.mark.parametrize("n1", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_one_arm_is_never_clever_hans(n1):
+    r = dict(forced_token_acc=[1.0, n1, 1.0, 1.0, 1.0], test_exact_match=min(n1, 0.9))
+    assert first_word(r, deg=1) != "Clever"
+
+
+def test_no_clever_hans_without_an_n1():
+    r = dict(forced_token_acc=[1.0, 0.5], test_exact_match=0.5)  # G(2,2): s, g; g is in the prompt
+    assert first_word(r, path_len=2) != "Clever"
+
+
+def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):
+    kw = dict(max_iters=4, eval_interval=2)
+    code, out, _ = run_main(flags(out_dir=tmp_path, **kw), capsys)
+    final = json.load(open(tmp_path / "results.json"))["final"]
+    ex = final["example"]
+    assert code == 0 and set(ex) == {"index", "edges", "path", "pred"}
+    assert evaluations(out) == 2 and out.count(graph_text(ex["edges"], ex["path"])) == 2  # steps 2 and 4
+    _, (te_e, te_p), _ = nf.make_splits(tiny(**kw))
+    assert ex["edges"] == te_e[ex["index"]].tolist() and ex["path"] == te_p[ex["index"]].tolist()
+    true, model = ([ln.split()[1:] for ln in out.splitlines() if ln.split()[:1] == [name]][-1]
+                   for name in ("true", "model"))
+    assert true == [str(n) for n in ex["path"]]
+    L = len(ex["path"])
+    assert model[:L] == [str(n) for n in ex["pred"]]
+    assert " ".join(model[L:]) == nf.explain(ex["edges"], ex["path"], ex["pred"])
+
+# ---- training
+
+
+def test_lr_schedule():
+    cfg = tiny(lr=1e-3, warmup_iters=10, max_iters=100, min_lr_frac=0.1)
+    lrs = [nf.lr_at(s, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and nf.lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_min_lr_frac_one_is_a_constant_lr_after_warmup():
+    cfg = tiny(lr=1e-3, warmup_iters=10, max_iters=100, min_lr_frac=1)
+    assert nf.lr_at(0, cfg) < nf.lr_at(5, cfg) < nf.lr_at(9, cfg)
+    assert all(nf.lr_at(s, cfg) == pytest.approx(1e-3) for s in range(9, 120))
+
+
+def test_weight_decay_groups():
+    model = nf.GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=32, n_head=2)
+    model.ln_f.weight._no_weight_decay = True  # the flag Mamba sets on A_log and D
+    cfg = tiny(weight_decay=0.3, beta2=0.99)
+    opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
+    decay, rest = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and any(p is model.ln_f.weight for p in rest["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.3, 0.0)
+    assert decay["betas"] == rest["betas"] == (0.9, 0.99)
+
+
+def test_mamba_A_log_and_D_get_no_weight_decay():
+    cfg = nf.Config(model="mamba", n_layer=1, n_embd=16)
+    model = nf.build_model(cfg, vocab_size=20, block_size=16)
+    decay, rest = nf.make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] > 0 and rest["weight_decay"] == 0
+    is_in = lambda p, group: any(p is q for q in group["params"])  # noqa: E731
+    (layer,) = model.layers
+    for p in (layer.A_log, layer.D):  # A_log is a matrix, yet not decayed
+        assert is_in(p, rest) and not is_in(p, decay)
+    assert layer.A_log.dim() == 2
+    for p in (layer.in_proj.weight, layer.out_proj.weight, layer.x_proj.weight):
+        assert is_in(p, decay)
+
+
+@pytest.mark.parametrize("objective", [{}, {"reverse": True}, {"teacherless": True}])
+def test_tiny_training_loss_falls_and_train_returns_that_model(objective):
+    cfg = tiny(n_train=512, n_test=64, batch_size=64, max_iters=80, eval_interval=20, lr=1e-2, **objective)
+    model, hist = nf.train(cfg, log=None)
+    assert [h["step"] for h in hist] == [20, 40, 60, 80]
+    assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])  # from ~log(vocab)
+    r = hist[-1]
+    assert 0 <= r["test_exact_match"] <= 1 and len(r["forced_token_acc"]) == len(r["example"]["pred"]) == 5
+    assert r["test_exact_match"] <= min(r["forced_token_acc"]) + 1e-9
+    assert r["forced_token_acc"][0] > 0.9  # the first answer token (s, or g when reversed) is in the prompt
+    # the returned model is the one the last evaluation scored
+    _, test, task = nf.make_splits(cfg)
+    device = torch.device(DEVICE)
+    again = nf.evaluate(model, *test, task["num_nodes"], cfg.reverse, cfg.teacherless,
+                        lambda: nf.compute_context(device, torch.float32))
+    assert again["test_exact_match"] == pytest.approx(r["test_exact_match"])
+    assert again["forced_token_acc"] == pytest.approx(r["forced_token_acc"])
+    assert again["example"] == r["example"]
+    # and report() prints it from Python, anywhere
+    lines = []
+    nf.report(again, cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert nf.verdict(again, cfg) in text and graph_text(r["example"]["edges"], r["example"]["path"]) in text
+
+
+def test_train_with_log_none_says_nothing(capsys):
+    model, hist = nf.train(tiny(max_iters=4, eval_interval=2, log_interval=1), log=None)
+    assert [h["step"] for h in hist] == [2, 4] and isinstance(model, torch.nn.Module)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_train_logs_to_any_one_argument_callable():
+    lines = []
+    nf.train(tiny(max_iters=2), log=lines.append)  # as report() takes it
+    assert progress_steps("\n".join(lines)) == [2] and evaluations("\n".join(lines)) == 1
+
+
+def test_too_few_training_graphs_for_a_batch_is_bad_input(capsys):
+    with pytest.raises(nf.UsageError, match="--batch_size"):
+        nf.train(tiny(n_train=16, batch_size=32), log=None)
+    _, err = usage_error(flags(n_train=16, batch_size=32), capsys, "--batch_size")
+    assert "diverged" not in err
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=8, out_dir=out), capsys)[0] == 0
+    res = json.load(open(out / "results.json"))
+    assert set(res) == {"config", "history", "final"} and res["final"]["step"] == 8
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["config"]["n_embd"] == 32 and ckpt["history"] == res["history"]
+    cfg = nf.Config(**ckpt["config"])
+    model = nf.build_model(cfg, cfg.num_nodes + 4, 27 + 4)
+    model.load_state_dict(ckpt["model"])
+    _, (te_e, te_p), _ = nf.make_splits(cfg)
+    device = torch.device(DEVICE)
+    dtype = nf.autocast_dtype(cfg.dtype, device)
+    r = nf.evaluate(model.to(device), te_e, te_p, cfg.num_nodes, amp=lambda: nf.compute_context(device, dtype))
+    assert r["test_exact_match"] == pytest.approx(res["final"]["test_exact_match"])
+    assert r["forced_token_acc"] == pytest.approx(res["final"]["forced_token_acc"])
+    # --resume alone continues with the checkpoint's settings (into its own folder); flags override them
+    code, stdout, _ = run_main(["--max_iters", "12", "--resume", out / "ckpt.pt"], capsys)
+    assert code == 0 and progress_steps(stdout) == [10, 12]  # steps 9..12 only
+    said = [ln for ln in stdout.splitlines() if str(out / "ckpt.pt") in ln]
+    assert said and re.search(r"\b8\b", said[0])  # the resume line says the step it resumed at
+    assert ckpt_step(out / "ckpt.pt") == 12
+    assert [h["step"] for h in json.load(open(out / "results.json"))["history"]] == [8, 12]
+
+
+def test_resume_of_a_finished_run_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=6, out_dir=out), capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    code, stdout, _ = run_main(["--resume", out / "ckpt.pt"], capsys)
+    assert code == 0 and progress_steps(stdout) == []
+    said = [ln for ln in stdout.splitlines() if str(out / "ckpt.pt") in ln]
+    assert said and re.search(r"\b6\b", said[0])
+    assert evaluations(stdout) == 1
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_max_iters_zero_evaluates_the_untrained_model(capsys):
+    code, stdout, _ = run_main(flags(max_iters=0), capsys)
+    assert code == 0 and progress_steps(stdout) == []
+    assert evaluations(stdout) == 1
+
+
+def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys):
+    kw = dict(n_train=64, n_test=16, batch_size=16, min_lr_frac=1)
+    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]  # noqa: E731
+    code, stdout, _ = run_main(flags(max_iters=10, fresh_after=6, out_dir=tmp_path / "one", **kw), capsys)
+    assert code == 0 and re.search(r"^step 6\b.*\b64\b", stdout, re.M)  # (10 - 6) * 16 new graphs
+    assert run_main(flags(max_iters=10, out_dir=tmp_path / "pool", **kw), capsys)[0] == 0
+    assert run_main(flags(max_iters=6, out_dir=tmp_path / "two", **kw), capsys)[0] == 0
+    code, stdout, _ = run_main(["--resume", tmp_path / "two" / "ckpt.pt", "--max_iters", "10", "--fresh_after", "6"],
+                               capsys)
+    assert code == 0
+    one, two, pool = weights("one"), weights("two"), weights("pool")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # the same run, in one go or in two
+    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # the new graphs were trained on
+    cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
+    train, test, _ = nf.make_splits(cfg)
+    new = nf.unseen_graphs(cfg, test)
+    assert len(new[0]) == 64 and not set(nf.prompt_keys(*new)) & set(nf.prompt_keys(*train) + nf.prompt_keys(*test))
+
+
+def test_too_many_fresh_graphs_are_refused_before_step_1(capsys):
+    out, _ = usage_error(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys, "--max_iters")
+    assert progress_steps(out) == []
+
+
+def test_a_checkpoint_from_an_older_version_resumes_as_that_version_ran(tmp_path, capsys):
+    old = dict(nf.asdict(nf.Config(preset="g25")), dropped_knob=1)  # as if saved before these knobs existed
+    for k in ("min_lr_frac", "beta2", "compile_mode", "threads", "overwrite"):
+        del old[k]
+    cfg = nf.Config(**nf.known_knobs(old))
+    new = (cfg.min_lr_frac, cfg.beta2, cfg.compile_mode, cfg.threads, cfg.overwrite)
+    assert new == (0.1, 0.95, "default", 0, False)
+    assert cfg.n_layer == 8  # what it had keeps its value
+    # and from the command line: a real checkpoint whose config lacks a knob
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["beta2"]
+    ckpt["config"]["dropped_knob"] = 1
+    torch.save(ckpt, out / "ckpt.pt")
+    code, _, _ = run_main(["--resume", out / "ckpt.pt", "--max_iters", "4"], capsys)
+    assert code == 0 and torch.load(out / "ckpt.pt", weights_only=True)["config"]["beta2"] == 0.95
+
+
+def test_flags_given_on_resume_reach_the_optimizer(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
+    made, real = [], nf.make_optimizer
+    monkeypatch.setattr(nf, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    code, _, _ = run_main(["--resume", out / "ckpt.pt", "--max_iters", "4", "--weight_decay", "0",
+                           "--beta2", "0.5"], capsys)
+    assert code == 0 and torch.load(out / "ckpt.pt", weights_only=True)["config"]["weight_decay"] == 0
+    assert [(g["weight_decay"], g["betas"]) for g in made[0].param_groups] == [(0, (0.9, 0.5))] * 2
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_threads_sets_the_cpu_threads(capsys, monkeypatch, restore_threads):
+    n = 2 if restore_threads == 1 else 1
+    seen, real = [], nf.answer_loss
+    monkeypatch.setattr(nf, "answer_loss", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    assert run_main(flags(max_iters=2, threads=n, device="cpu"), capsys)[0] == 0
+    assert seen == [n, n]
+
+
+def test_compile_mode_without_compile_trains_eagerly(capsys, monkeypatch):
+    assert nf.parse_config(["--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called without --compile")
+    monkeypatch.setattr(torch, "compile", no_compile)
+    code, stdout, _ = run_main(flags(max_iters=2, log_interval=1, compile_mode="max-autotune"), capsys)
+    assert code == 0 and progress_steps(stdout) == [1, 2]
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=4, out_dir=out), capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    code, stdout, err = run_main(flags(resume=out / "ckpt.pt", max_iters=400, lr=1e6, grad_clip=0,
+                                       log_interval=100), capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--lr" in err and "nan" in err.lower()
+    assert progress_steps(stdout) == []  # stopped at the bad step, not at the next progress line
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_a_loss_gone_nan_stops_the_run_at_that_step_and_names_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    calls, real = [], nf.answer_loss
+
+    def nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(nf, "answer_loss", nan_at_step_5)
+    out = tmp_path / "run"
+    code, stdout, err = run_main(flags(max_iters=10, eval_interval=2, log_interval=100, out_dir=out), capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and len(calls) == 5
+    assert re.search(r"\b5\b", err) and "--lr" in err and f"--resume {out / 'ckpt.pt'}" in err
+    assert ckpt_step(out / "ckpt.pt") == 4  # the last save before it, kept
+
+
+def interrupt_at_call(monkeypatch, n):
+    """Ctrl-C in the n-th training step."""
+    calls, real = [], nf.answer_loss
+
+    def answer_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(nf, "answer_loss", answer_loss)
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    interrupt_at_call(monkeypatch, 5)
+    out = tmp_path / "run"
+    code, _, err = run_main(flags(max_iters=10, eval_interval=2, out_dir=out), capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert re.search(r"\b4\b", err) and f"python nanofail.py --resume {out / 'ckpt.pt'}" in err
+    assert ckpt_step(out / "ckpt.pt") == 4
+
+
+@pytest.mark.parametrize("eval_interval,first", [(5, 5), (0, 10)])
+def test_ctrl_c_before_the_first_checkpoint_says_when_it_comes(tmp_path, capsys, monkeypatch, eval_interval, first):
+    interrupt_at_call(monkeypatch, 3)
+    out = tmp_path / "run"
+    code, _, err = run_main(flags(max_iters=10, eval_interval=eval_interval, out_dir=out), capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert re.search(r"\b2\b", err) and re.search(rf"\b{first}\b", err) and "--resume" not in err
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_ctrl_c_without_out_dir_suggests_it(capsys, monkeypatch):
+    interrupt_at_call(monkeypatch, 3)
+    code, _, err = run_main(flags(max_iters=10, eval_interval=5), capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--out_dir" in err
+
+
+@pytest.mark.parametrize("how", ["diverged", "interrupted"])
+def test_a_resumed_run_stopped_before_its_first_save_names_its_checkpoint(tmp_path, capsys, monkeypatch, how):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
+    more = dict(lr=1e6, grad_clip=0) if how == "diverged" else {}
+    if how == "interrupted":
+        interrupt_at_call(monkeypatch, 3)
+    code, _, err = run_main(flags(resume=out / "ckpt.pt", max_iters=400, eval_interval=300, out_dir=out, **more),
+                            capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"--resume {out / 'ckpt.pt'}" in err  # the checkpoint it resumed from is the one to go on from
+    assert ckpt_step(out / "ckpt.pt") == 2
+
+
+# ---- command line (and bad input)
+
+
+@pytest.mark.parametrize("given,cli", [
+    (dict(dtype="fp16"), ["--dtype", "fp16"]),
+    (dict(model="rnn"), ["--model", "rnn"]),
+    (dict(min_lr_frac=5), ["--min_lr_frac", "5"]),
+    (dict(lr=float("nan")), ["--lr", "nan"]),
+    (dict(seed=-1), ["--seed", "-1"]),
+    (dict(seed=2**32), ["--seed", str(2**32)]),
+    (dict(num_nodes=100_000), ["--num_nodes", "100000"]),
+    (dict(preset="huge"), ["--preset", "huge"]),
+    (dict(nope=1), ["--nope", "1"]),
+    (dict(n_train="100"), None),  # the command line has no strings for numbers, Python does
+    (dict(teacherless="yes"), None),
+    (dict(n_train=True), ["--n_train", "True"]),  # a bool is no int here
+    (dict(lr=float("inf")), ["--lr", "inf"]),
+])
+def test_config_from_python_checks_like_the_command_line(capsys, given, cli):
+    (knob, value), = given.items()
+    with pytest.raises(nf.UsageError, match=knob if knob != "preset" else value):
+        nf.Config(**given)
+    if cli:
+        usage_error(cli + ["--max_iters", "1"], capsys, cli[0] if knob != "preset" else value)
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--deg", "5", "--path_len", "5", "--num_nodes", "20"], "raise --num_nodes"),
-    (["--deg", "0"], "--deg must be >= 1"),
-    (["--path_len", "1"], "--path_len must be >= 2"),
-    (["--n_train", "0"], "--n_train must be >= 1"),
-    (["--n_embd", "30", "--n_head", "4"], "divisible"),
-    (["--test_file", "/nonexistent/test.txt"], "cannot read"),
-    (["--model", "rnn"], "invalid choice"),
-    (["--no_such_flag"], "unrecognized arguments"),
-    (["--lr", "fast"], "invalid float"),
-    (["--log_interval", "0"], "--log_interval must be >= 1"),
-    (["--batch_size", "-4"], "--batch_size must be >= 1"),
-    (["--device", "tpu9"], "unknown --device"),
-    pytest.param(["--device", "cuda"], "not available", marks=pytest.mark.skipif(
+    (["--deg", "5", "--path_len", "5", "--num_nodes", "20"], "--num_nodes"),
+    (["--deg", "0"], "--deg"),
+    (["--path_len", "1"], "--path_len"),
+    (["--n_train", "0"], "--n_train"),
+    (["--n_embd", "30", "--n_head", "4"], "n_head"),
+    (["--test_file", "/nonexistent/test.txt"], "/nonexistent/test.txt"),
+    (["--model", "rnn"], "--model"),
+    (["--no_such_flag"], "--no_such_flag"),
+    (["--lr", "fast"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--log_interval", "0"], "--log_interval"),
+    (["--batch_size", "-4"], "--batch_size"),
+    (["--n_train", "16", "--batch_size", "32"], "--batch_size"),
+    (["--seed", "-1"], "--seed"),
+    (["--min_lr_frac", "5"], "--min_lr_frac"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--num_nodes", "100000"], "--num_nodes"),
+    (["--dtype", "fp16"], "--dtype"),
+    (["--compile_mode", "fast"], "--compile_mode"),
+    (["--threads", "-1"], "--threads"),
+    (["--preset", "huge"], "huge"),
+    (["--device", "tpu9"], "--device"),
+    (["--device", "xpu"], "--device"),
+    (["--device", "meta"], "--device"),
+    pytest.param(["--device", "cuda"], "--device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["--device", "mps"], "--device", marks=pytest.mark.skipif(
+        torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
 def test_bad_input_is_one_line(capsys, argv, needle):
-    code, _, err = run_main(argv + ["--max_iters", "1"], capsys)
-    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    out, _ = usage_error(flags(max_iters=1) + argv, capsys, needle)
+    assert progress_steps(out) == []
+
+
+def test_a_huge_test_set_is_refused_at_once(capsys):
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    n = 10**8 if memory < 90 * 2**30 else 10**10  # ~100 GiB of graphs: more than this machine holds
+    t0 = time.time()
+    usage_error(["--n_test", n, "--max_iters", "1"], capsys, "--n_test")  # not a MemoryError
+    assert time.time() - t0 < 10
+
+
+def test_the_folder_of_another_run_is_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
+    files = {f: (out / f).read_bytes() for f in ("ckpt.pt", "results.json")}
+    stdout, _ = usage_error(flags(max_iters=4, seed=7, out_dir=out), capsys, "--out_dir")
+    assert stdout == ""  # refused before the data, the model and step 1
+    assert {f: (out / f).read_bytes() for f in files} == files
+    (out / "ckpt.pt").unlink()  # either file alone is a run's too
+    usage_error(flags(max_iters=4, out_dir=out), capsys, "--overwrite")
+    assert (out / "results.json").read_bytes() == files["results.json"]
+    # --overwrite replaces it; --resume continues in the same folder
+    assert run_main(flags(max_iters=4, out_dir=out, overwrite=True), capsys)[0] == 0
+    assert ckpt_step(out / "ckpt.pt") == 4
+    assert run_main(["--resume", out / "ckpt.pt", "--max_iters", "6", "--out_dir", out], capsys)[0] == 0
+    assert ckpt_step(out / "ckpt.pt") == 6
+    # but another run's checkpoint may not continue into this folder
+    assert run_main(flags(max_iters=2, out_dir=tmp_path / "other"), capsys)[0] == 0
+    usage_error(["--resume", tmp_path / "other" / "ckpt.pt", "--max_iters", "4", "--out_dir", out], capsys,
+                "--out_dir")
+    assert ckpt_step(out / "ckpt.pt") == 6
 
 
 def test_unwritable_output_folder_is_one_line_and_keeps_the_file(tmp_path, capsys):
     f = tmp_path / "results"
     f.write_text("keep me")
     for flag in ("--export_data", "--out_dir"):
-        code, _, err = run_main([flag, str(f), "--n_train", "20", "--n_test", "5", "--max_iters", "1"], capsys)
-        assert code == 2 and f"for {flag}" in err and len(err.strip().splitlines()) == 1
+        usage_error([flag, f, "--n_train", "20", "--n_test", "5", "--max_iters", "1"], capsys, flag)
     assert f.read_text() == "keep me"
+
+
+def test_read_only_output_folder_is_refused_before_step_1(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        try:
+            (ro / "probe").write_text("")
+            pytest.skip("this user can write to a read-only folder (root)")
+        except OSError:
+            pass
+        out, _ = usage_error(flags(max_iters=2, out_dir=ro), capsys, "--out_dir")
+        assert progress_steps(out) == [] and not list(ro.iterdir())
+    finally:
+        ro.chmod(0o700)
 
 
 def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
-    code, _, err = run_main(["--resume", str(bad), "--out_dir", str(tmp_path), "--max_iters", "1"], capsys)
-    assert code == 2 and "cannot read checkpoint" in err and bad.read_bytes() == b"not a checkpoint"
+    usage_error(["--resume", bad, "--out_dir", tmp_path, "--max_iters", "1"], capsys, str(bad))
+    assert bad.read_bytes() == b"not a checkpoint"
     good = tmp_path / "run"
-    small = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "8",
-             "--batch_size", "32", "--device", "cpu", "--out_dir", str(good)]
-    assert run_main(small + ["--max_iters", "2"], capsys)[0] == 0
+    assert run_main(flags(max_iters=2, out_dir=good), capsys)[0] == 0
     before = (good / "ckpt.pt").read_bytes()
-    code, _, err = run_main(small + ["--n_embd", "64", "--max_iters", "4", "--resume", str(good / "ckpt.pt")], capsys)
-    assert code == 2 and "--n_embd 32" in err and (good / "ckpt.pt").read_bytes() == before
+    usage_error(flags(n_embd=64, max_iters=4, resume=good / "ckpt.pt", out_dir=good), capsys, "--n_embd 32")
+    assert (good / "ckpt.pt").read_bytes() == before
+
+
+def test_resume_with_data_of_another_task_is_refused(tmp_path, capsys):
+    run = tmp_path / "g25"
+    assert run_main(flags(max_iters=2, out_dir=run), capsys)[0] == 0
+    before = (run / "ckpt.pt").read_bytes()
+    f = tmp_path / "g23.txt"
+    nf.write_graphs(str(f), *graphs(n=40, deg=2, path_len=3, num_nodes=20))
+    usage_error(["--resume", run / "ckpt.pt", "--test_file", f, "--max_iters", "4"], capsys, "G(2,5)")
+    assert (run / "ckpt.pt").read_bytes() == before
 
 
 def run_figures(argv, capsys):
     """Run assets/figures.py in-process; return (exit code, stdout, stderr)."""
     try:
-        figures.main(argv)
+        figures.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -582,12 +1140,14 @@ def test_learning_curves_from_results(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     run.mkdir()
-    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1]) for s in (10, 20)]
+    example = dict(index=0, edges=[[5, 2], [2, 8], [5, 9], [9, 3]], path=[5, 2, 8], pred=[5, 9, 3])
+    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1], example=example)
+            for s in (10, 20)]
     json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]), open(run / "results.json", "w"))
     out = tmp_path / "fig" / "ch.png"
-    code, stdout, _ = run_figures(["--curves", str(run), str(run), "--out", str(out)], capsys)
+    code, stdout, _ = run_figures(["--curves", run, run, "--out", out], capsys)
     assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
-    code, _, err = run_figures(["--curves", str(tmp_path), "--out", str(out)], capsys)
+    code, _, err = run_figures(["--curves", tmp_path, "--out", out], capsys)
     assert code == 2 and "results.json" in err and len(err.strip().splitlines()) == 1
 
 
@@ -605,125 +1165,125 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    code, _, err = run_figures(["--curves", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
+    code, _, err = run_figures(["--curves", tmp_path, "--out", tmp_path / "x.png"], capsys)
     assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
-
-
-def test_help_lists_every_knob():
-    out = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "-h"], capture_output=True, text=True)
-    assert out.returncode == 0
-    for f in nf.fields(nf.Config):
-        assert f"--{f.name}" in out.stdout
-    bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "deg must be >= 1" in bad.stderr
-
-
-def test_presets_cover_every_model_and_yield_to_flags():
-    names = next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]
-    assert names == ("quick", "paper", "g23", "g25")  # --preset's choices come from PRESETS, in order
-    assert all((name, "gpt") in nf.PRESETS for name in names)
-    for name, model in nf.PRESETS:
-        cfg = nf.parse_config(["--preset", name, "--model", model])
-        assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
-        assert cfg.preset == name and cfg.model == model
-    with pytest.raises(nf.UsageError, match="no preset 'g25' for model 'mamba'"):
-        nf.parse_config(["--preset", "g25", "--model", "mamba"])
-    cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
-    assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
-    assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
-
-
-# ----------------------------------------------------------------------------- the worked example
-
-
-def test_explain_names_where_the_answer_went_wrong():
-    graph = "5,2|2,8|5,9|9,3|8,7|3,4/5,7=5,2,8,7"  # G(2,4): s = 5, arms 5-2-8-7 and 5-9-3-4, goal 7
-    assert nf.explain(graph, [5, 2, 8, 7]) == "right"
-    # the Clever-Hans picture: the other child of s, then its arm; g itself is copied from the prompt
-    assert nf.explain(graph, [5, 9, 3, 7]) == "wrong arm at n1, then n2 along the edges from there"
-    assert nf.explain(graph, [5, 9, 3, 4]) == "wrong arm at n1, then n2 g along the edges from there"
-    assert nf.explain(graph, [5, 9, 2, 7]) == "wrong arm at n1, n2 too"  # 2 does not follow 9
-    assert nf.explain(graph, [5, 2, 3, 7]) == "wrong at n2"
-    assert nf.explain(graph, [7, 8, 2, 5], reverse=True) == "right"
-    assert nf.explain(graph, [7, 3, 9, 5], reverse=True) == "wrong at n2, then n1 along the edges from there"
-
-
-def test_verdicts_read_the_accuracy_pattern():
-    r = dict(forced_token_acc=[1.0, 0.51, 1.0, 1.0, 1.0], test_exact_match=0.51)
-    assert nf.verdict(r, nf.Config()).startswith("Clever Hans: ")
-    assert nf.verdict(dict(r, test_exact_match=0.97), nf.Config(reverse=True)).startswith("solved")
-    r = dict(forced_token_acc=[1.0, 0.17, 0.16, 0.98, 1.0], test_exact_match=0.0)
-    gpt, mamba = (nf.verdict(r, nf.Config(model=m, teacherless=True)) for m in ("gpt", "mamba"))
-    assert "so far (> 0.9): s n3 g; not yet: n1 n2." in gpt
-    assert "Next-token training on this budget: python nanofail.py (on G(2,5), at every budget measured: the" in gpt
-    assert (f"Teacherless GPT beats next-token GPT on G(2,5) with 8 layers in ~1 hour on 2 bf16 CPU cores: "
-            f"{nf.WIN_COMMANDS[0]}") in gpt
-    assert f"on G(2,3) in minutes: {nf.WIN_COMMANDS[1]}" in gpt
-    assert "python nanofail.py --model mamba (on G(2,5), at every budget measured: the Clever-Hans cheat" in mamba
-    assert "No teacherless Mamba win measured yet. Teacherless GPT beats" in mamba
-    for win in nf.WIN_COMMANDS:  # each names a preset that parses, with teacherless on
-        assert nf.parse_config(win.split()[2:]).teacherless
-    r = dict(forced_token_acc=[0.2] * 5, test_exact_match=0.0)
-    assert "so far (> 0.9): nothing; not yet: s n1 n2 n3 g." in nf.verdict(r, nf.Config(teacherless=True))
-
-
-def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):
-    code, out, _ = run_main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256",
-                             "--n_test", "32", "--batch_size", "32", "--max_iters", "4", "--eval_interval", "2",
-                             "--device", DEVICE, "--out_dir", str(tmp_path)], capsys)
-    final = json.load(open(tmp_path / "results.json"))["final"]
-    graph, k = final["example"], final["example_index"]
-    assert code == 0 and out.count(f"  example   {graph}   (test graph {k})") == 2
-    (_, path), (_, test_path) = nf.parse_graphs(graph), nf.make_splits(nf.Config(n_train=256, n_test=32))[1]
-    assert np.array_equal(path[0], test_path[k])  # that test graph, in the original format
-    assert f"  true      {' '.join(map(str, path[0]))}" in out
-    assert f"  model     {' '.join(map(str, final['example_pred']))}   {nf.explain(graph, final['example_pred'])}" in out
 
 
 def test_draw_example(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    assert run_main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "64", "--n_test", "8",
-                     "--batch_size", "32", "--max_iters", "1", "--device", "cpu", "--out_dir", str(run)], capsys)[0] == 0
+    assert run_main(flags(max_iters=1, n_train=64, n_test=8, device="cpu", out_dir=run), capsys)[0] == 0
     out = tmp_path / "example.png"
-    assert run_figures(["--example", str(run), "--out", str(out)], capsys)[0] == 0
+    assert run_figures(["--example", run, "--out", out], capsys)[0] == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
 
-# ----------------------------------------------------------------------------- runs that fail loudly
 
-SMALL = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "256", "--n_test", "32",
-         "--batch_size", "32", "--warmup_iters", "2", "--dtype", "float32", "--device", DEVICE]
+# attention maps (figures.py --attention): the picture shows what the model computes
 
-
-def test_a_diverging_run_stops_at_once_and_keeps_the_checkpoint(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_main(SMALL + ["--max_iters", "4", "--out_dir", str(out)], capsys)[0] == 0
-    before = (out / "ckpt.pt").read_bytes()
-    code, stdout, err = run_main(SMALL + ["--resume", str(out / "ckpt.pt"), "--max_iters", "400", "--lr", "1e6",
-                                          "--grad_clip", "0", "--log_interval", "100"], capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "diverged" in err and "lower --lr" in err and f"--resume {out / 'ckpt.pt'}" in err
-    assert "step    100/" not in stdout  # stopped at the bad step, not at the next progress line
-    assert (out / "ckpt.pt").read_bytes() == before
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    """A tiny trained GPT run folder (ckpt.pt, results.json), shared by the tests below."""
+    run = tmp_path_factory.mktemp("attention") / "run"
+    nf.main(flags(n_layer=2, device="cpu", out_dir=run))  # two layers: a block's input is another's output
+    return run
 
 
-def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
-    calls, real = [], nf.answer_loss
+def example_inputs(run):
+    """The run's model and the input row x (1, T) of its worked example, as the figure has it."""
+    cfg, model = figures.load_gpt(run)
+    edges, path = figures.worked_example(run)
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+    return model, nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
 
-    def interrupted_at_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(nf, "answer_loss", interrupted_at_step_5)
-    out = tmp_path / "run"
-    code, _, err = run_main(SMALL + ["--max_iters", "10", "--eval_interval", "2", "--out_dir", str(out)], capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "interrupted at step 4" in err and f"python nanofail.py --resume {out / 'ckpt.pt'}" in err
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+def test_attention_figure_is_a_png(gpt_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fig" / "attention.png"
+    argv = ["--attention", str(gpt_run), str(gpt_run), "--out", str(out)]  # two panels
+    code, stdout, _ = run_figures(argv, capsys)
+    assert code == 0 and f"wrote {out}" in stdout and out.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run_figures(argv + ["--example", str(gpt_run)], capsys)
+    assert code == 2 and "give one of" in err  # one figure per call
 
-# ----------------------------------------------------------------------------- notebooks, presets, torchrun
+
+def test_attention_rows_are_causal_distributions(gpt_run):
+    model, x = example_inputs(gpt_run)
+    w = figures.attention_weights(model, x)
+    T = x.shape[1]
+    assert w.shape == (2, 2, T, T) and w.dtype == torch.float32 and not model.training
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, T))  # each row: where one position reads
+    assert (w.triu(1) == 0).all()  # the past only: nothing above the diagonal
+
+
+def test_attention_weights_reproduce_each_blocks_attention(gpt_run):
+    model, x = example_inputs(gpt_run)
+    with torch.no_grad():
+        streams = figures.block_inputs(model, x)
+        assert len(streams) == 2
+        for i, (block, resid) in enumerate(zip(model.blocks, streams)):
+            # weights @ v, heads merged, projected: what F.scaled_dot_product_attention gave
+            own = block.attn(block.ln_1(resid))
+            torch.testing.assert_close(figures.attention_output(block, resid), own)
+            if i + 1 < len(streams):  # the hook saw the real residual stream: block i's output
+                torch.testing.assert_close(block(resid), streams[i + 1])
+        assert not model.blocks[0]._forward_pre_hooks  # no hook left behind
+
+
+def test_expected_reads_box_the_lookup_edges():
+    # G(2,3): s = 5, arms 5-2-8 and 5-9-3, goal 8. Edge j is tokens 3j, 3j+1; / 5 8 = at 11..14.
+    edges, path = nf.parse_graphs("5,2|2,8|5,9|9,3/5,8=5,2,8")
+    seq, P = nf.encode(edges, path, 10)
+    assert figures.token_names(seq[0, :P], 10)[9:] == ["9", "3", "/", "5", "8", "="]
+    cfg = nf.Config(deg=2, path_len=3, num_nodes=10)
+    reads = figures.expected_reads(edges[0], path[0], cfg)  # rows s, n1, g; n1 = 2
+    assert reads == [[(12, 1)], [(0, 2), (3, 2)], [(13, 1)]]  # 2 as the child of 5 first
+    cfg.teacherless = True
+    teacherless = figures.expected_reads(edges[0], path[0], cfg)
+    assert teacherless == [[(12, 1)], [(3, 2), (0, 2)], [(13, 1)]]  # 2 as the parent of 8 first
+    cfg.teacherless, cfg.reverse = False, True
+    reads = figures.expected_reads(edges[0], path[0], cfg)  # rows g, n1, s
+    assert reads == [[(13, 1)], [(3, 2), (0, 2)], [(12, 1)]]
+    w = torch.zeros(3, P)  # row s reads half of s, row n1 the 8 of edge (2, 8)
+    w[0, 12], w[1, 4] = 0.5, 1.0
+    assert figures.box_weight(w, teacherless, 0).tolist() == [0.5, 1.0, 0.0]
+    assert figures.box_weight(w, teacherless, 1).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_worked_example_reads_the_text_and_the_dict_format(tmp_path):
+    text = "5,2|2,8|5,9|9,3/5,8=5,2,8"
+    as_dict = dict(edges=[[5, 2], [2, 8], [5, 9], [9, 3]], path=[5, 2, 8])
+    got = []
+    for example in (text, as_dict, dict(as_dict, path=[5, 9, 8])):
+        results = dict(config=nf.asdict(nf.Config()), history=[dict(step=1, example=example)])
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        try:
+            got.append(figures.worked_example(tmp_path))
+        except nf.UsageError as e:  # a path off the edges is refused as the text format is
+            got.append(str(e))
+    assert all(np.array_equal(a, b) for a, b in zip(got[0], got[1]))
+    assert got[0][0].shape == (1, 4, 2) and got[0][1].tolist() == [[5, 2, 8]]
+    assert got[2].startswith(f"{tmp_path}/results.json:1:")  # refused, naming the line
+
+
+def test_attention_maps_refuse_mamba_runs(tmp_path, capsys):
+    run = tmp_path / "mamba"
+    nf.main(flags(model="mamba", n_embd=16, max_iters=1, device="cpu", out_dir=run))
+    capsys.readouterr()
+    code, _, err = run_figures(["--attention", str(run), "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and "GPT" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()  # no traceback
+
+
+def test_help_lists_every_knob(capsys):
+    code, out, _ = run_main(["-h"], capsys)
+    assert code == 0
+    for f in nf.fields(nf.Config):
+        assert f"--{f.name}" in out
+    # the script itself: bad input is one line and exit status 2
+    bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--deg" in bad.stderr and bad.stdout == ""
+
+# ---- notebooks, presets, torchrun
 
 
 def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
@@ -734,16 +1294,34 @@ def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_presets_override_the_defaults_and_yield_to_flags():
+    names = next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]
+    assert names == tuple(nf.PRESETS) and {"quick", "g23", "g25", "paper"} <= set(names)
+    assert set(nf.MAMBA_PRESETS) <= set(nf.PRESETS)
+    for name in nf.PRESETS:
+        for model in ("gpt", "mamba"):
+            cfg = nf.Config(preset=name, model=model)
+            own = nf.MAMBA_PRESETS.get(name, nf.PRESETS[name]) if model == "mamba" else nf.PRESETS[name]
+            assert all(getattr(cfg, k) == v for k, v in own.items()), (name, model)
+            assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
+            assert cfg.preset == name and cfg.model == model
+    assert nf.Config(preset="quick", model="mamba").n_layer != nf.Config(preset="quick").n_layer
+    cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
+    assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
+    assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
+    assert nf.Config(preset="paper", n_layer=2).n_layer == 2
+
+
 @pytest.mark.parametrize("objective", [[], ["teacherless"], ["reverse"]])
 def test_presets_mean_the_same_from_python_and_the_command_line(objective):
-    for name, model in nf.PRESETS:
-        cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
-        assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
+    for name in nf.PRESETS:
+        for model in ("gpt", "mamba"):
+            cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
+            assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
+    assert nf.Config(preset="g23", model="mamba", teacherless=True) == nf.parse_config(
+        ["--preset", "g23", "--model", "mamba", "--teacherless"])
     cfg = nf.Config(preset="g23", model="mamba", teacherless=True)
     assert (cfg.path_len, cfg.max_iters, cfg.n_layer, cfg.teacherless) == (3, 3000, 2, True)
-    assert nf.command(cfg, teacherless=False) == "python nanofail.py --preset g23 --model mamba"
-    cfg = nf.Config(preset="g25", teacherless=True, seed=4, test_file="t.txt", n_test=20_000, out_dir="runs/a")
-    assert nf.command(cfg, teacherless=False) == "python nanofail.py --preset g25 --seed 4 --test_file t.txt"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -751,17 +1329,17 @@ def test_presets_mean_the_same_from_python_and_the_command_line(objective):
 def test_torchrun_two_processes_follow_one_process(tmp_path):
     """torchrun --nproc_per_node 2 splits each global batch over two processes; DDP averages their
     gradients, so the weights follow the single-process run, and only rank 0 writes results."""
-    args = [str(HERE / "nanofail.py"), "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_train", "512",
-            "--n_test", "64", "--batch_size", "64", "--max_iters", "6", "--eval_interval", "3", "--dtype",
-            "float32", "--device", "cpu"]
+    args = [str(HERE / "nanofail.py"), *flags(n_train=512, n_test=64, batch_size=64, max_iters=6,
+                                              eval_interval=3, device="cpu")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
                           "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
     if two.returncode and "params on" not in two.stdout:  # torchrun itself did not get the processes going
         pytest.skip(f"torchrun could not start here: {(two.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "cpu x 2" in two.stdout and two.stdout.count("eval at step 6") == 1  # rank 0 alone speaks
+    assert "cpu x 2" in two.stdout and evaluations(two.stdout) == 2  # at steps 3 and 6, rank 0 alone speaks
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "results.json"]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
     assert a["step"] == b["step"] == 6

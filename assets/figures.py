@@ -3,16 +3,21 @@ The README's figures, made from the results.json that `python nanofail.py --out_
 
     python assets/figures.py --example runs/fig-gpt-next --out assets/example.png
     python assets/figures.py --curves runs/fig-gpt-next runs/fig-gpt-reverse ... --out assets/clever_hans.png
+    python assets/figures.py --attention runs/attn-demo runs/attn-g23-tl --out assets/attention.png
 
 --example draws the worked example of a run's last evaluation: the test graph, the true path and the
-model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. Training does
-not need matplotlib; this script does (pip install matplotlib).
+model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. --attention
+draws which prompt tokens the answer positions of GPT runs (their ckpt.pt) attend to on the worked
+example, with a box where each should read. Training does not need matplotlib; this script does
+(pip install matplotlib).
 """
 import json
+import math
 import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nanofail as nf  # noqa: E402
@@ -38,7 +43,7 @@ def read_results(run_dir):
 
 
 def save(fig, out_path):
-    nf.make_dir(os.path.dirname(out_path) or ".", "out")
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)  # an OSError: one line, exit 2
     fig.savefig(out_path, dpi=110, bbox_inches="tight")
     print(f"wrote {out_path}")
 
@@ -90,8 +95,10 @@ def draw_example(run_dir, out_path):
     """The worked example of a run's last evaluation: s on the left, one row per arm, the true path in
     green, the model's answer dashed red, with the words of nanofail.explain in the title."""
     cfg, hist = read_results(run_dir)
-    graph, pred = hist[-1]["example"], hist[-1]["example_pred"]
-    edges, path = (a[0].tolist() for a in nf.parse_graphs(graph))
+    ex = hist[-1]["example"]  # a dict with the model's answer, or (older runs) a text line
+    pred = ex["pred"] if isinstance(ex, dict) else hist[-1]["example_pred"]
+    edges, path = (a[0].tolist() for a in worked_example(run_dir))
+    graph = nf.decode(nf.encode(np.array([edges]), np.array([path]), cfg.num_nodes)[0], cfg.num_nodes)[0]
     child, s, g = dict(edges), path[0], path[-1]
     pos = {s: (0, 0)}
     for row, node in enumerate(v for u, v in edges if u == s):  # walk each arm out from s
@@ -110,10 +117,189 @@ def draw_example(run_dir, out_path):
             boxstyle="circle", fc="white", ec="green" if node in (s, g) else "black", lw=2 if node in (s, g) else 1))
     ax.text(-0.3, 0, "s", ha="right", va="center")
     ax.text(pos[g][0] + 0.3, pos[g][1], "goal", ha="left", va="center")
-    ax.set_title(f"{graph}\nmodel: {' '.join(map(str, pred))} ({nf.explain(graph, pred, cfg.reverse)})", fontsize=8)
+    ax.set_title(f"{graph}\nmodel: {' '.join(map(str, pred))} ({nf.explain(edges, path, pred, cfg.reverse)})", fontsize=8)
     ax.set(xlim=(-0.7, cfg.path_len + 0.2), ylim=(-cfg.deg / 2 - 0.1, cfg.deg / 2 + 0.1))
     ax.axis("off")
     ax.legend(loc="lower left", fontsize=8, frameon=False)
+    save(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- attention maps
+# Which prompt tokens each answer position reads: the softmax weights of every GPT layer, recomputed
+# from the blocks' own modules (the model runs them fused, in F.scaled_dot_product_attention).
+
+def block_inputs(model, x):
+    """The residual stream entering each block of a GPT for input x (B, T): a list of (B, T, C)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+             for b in model.blocks]
+    try:  # a hook left behind would go on collecting at every later forward pass
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def attention_probs(block, resid):
+    """softmax(q k^T / sqrt(head_size)) of one block under the causal mask, (B, n_head, T, T), and
+    its values v (B, n_head, T, head_size). resid: the residual stream entering the block."""
+    B, T, C = resid.shape
+    # the split of Block.attn: q, k, v side by side in qkv's output, each cut into n_head heads
+    q, k, v = (t.view(B, T, block.n_head, C // block.n_head).transpose(1, 2)
+               for t in block.qkv(block.ln_1(resid)).split(C, dim=2))
+    future = torch.ones(T, T, dtype=torch.bool, device=resid.device).triu(1)  # is_causal=True
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(C // block.n_head)).masked_fill(future, -math.inf)
+    return scores.softmax(-1), v
+
+
+def attention_output(block, resid):
+    """block.attn(block.ln_1(resid)) rebuilt from attention_probs: weights @ v, heads merged,
+    then block.proj."""
+    w, v = attention_probs(block, resid)
+    B, n_head, T, head_size = v.shape
+    return block.proj((w @ v).transpose(1, 2).reshape(B, T, n_head * head_size))
+
+
+@torch.no_grad()
+def attention_weights(model, x):
+    """The attention probabilities of every layer of a GPT for one input row x (1, T): a tensor
+    (n_layer, n_head, T, T) whose row t holds the weights position t puts on positions 0..t.
+    Computed in float32 eval mode, and checked against each block's own attention output."""
+    model.float().eval()  # the weights inference uses; float32, which the check's tolerance assumes
+    weights = []
+    for block, resid in zip(model.blocks, block_inputs(model, x)):
+        # a Block changed in nanofail.py (a bias, rotary positions...) must not draw a wrong map
+        own = block.attn(block.ln_1(resid))
+        if not torch.allclose(attention_output(block, resid), own, atol=1e-5):
+            raise RuntimeError("attention_weights no longer reproduces Block.attn: update it")
+        weights.append(attention_probs(block, resid)[0][0])
+    return torch.stack(weights)
+
+
+def load_gpt(run_dir):
+    """A run's Config and trained GPT, from RUN_DIR/ckpt.pt."""
+    ckpt = nf.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    cfg = nf.Config(**nf.known_knobs(ckpt["config"]))
+    if cfg.model != "gpt":  # a Mamba has no attention to draw
+        raise nf.UsageError(f"{run_dir} is a {cfg.model} run: attention maps are for GPT runs only")
+    P = 3 * cfg.deg * (cfg.path_len - 1) + 3  # the prompt: 3 tokens an edge, then / s g =
+    # the sizes train() built it with: N node labels and | = / $, every position but the last
+    model = nf.build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=P + cfg.path_len - 1)
+    model.load_state_dict(ckpt["model"])
+    return cfg, model
+
+
+def worked_example(run_dir):
+    """The graph of a run's last worked example: edges (1, E, 2), path (1, L). results.json holds
+    it as a line of the original text format, or as a dict {"edges": [[u, v], ...], "path": [...]}
+    (nanofail's newer results)."""
+    _, hist = read_results(run_dir)
+    example, name = hist[-1]["example"], f"{run_dir}/results.json"
+    if not isinstance(example, dict):
+        return nf.parse_graphs(example, name)
+    try:  # the dict, written as a text line: the same parser checks it, a bad graph reads the same
+        edges, path = example["edges"], example["path"]
+        text = "|".join(f"{u},{v}" for u, v in edges) + f"/{path[0]},{path[-1]}="
+        return nf.parse_graphs(text + ",".join(map(str, path)), name)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise nf.UsageError(f"{name}: the worked example is not a graph ({type(e).__name__})")
+
+
+def token_names(tokens, num_nodes):
+    """Token ids -> the strings a reader sees: node labels and | = / $."""
+    symbol = dict(zip(nf.tok(num_nodes).values(), "|=/$"))  # tok's order: pipe, eq, slash, dollar
+    return [symbol.get(t, str(t)) for t in tokens.tolist()]
+
+
+def expected_reads(edges, path, cfg):
+    """Where each answer row should read, in the order the rows predict: a list of boxes (first
+    column, width) in the prompt. s and g: their token after '/'. Every other node n_i: first the
+    edge its objective looks up (its two tokens u v), then the other edge that holds n_i. Next-token
+    runs read n_i as the child of the input before it, edge (n_{i-1}, n_i); teacherless and reverse
+    runs as the parent of the next node back from g, edge (n_i, n_{i+1})."""
+    E, path = len(edges), np.asarray(path).tolist()
+    at = {(u, v): 3 * j for j, (u, v) in enumerate(edges.tolist())}  # edge j is tokens 3j, 3j+1
+    child = not (cfg.teacherless or cfg.reverse)  # teacher forcing hands the row the node before
+    reads = []
+    for i in range(1, len(path) - 1):  # n_i sits in two edges: as a child, then as a parent
+        edges_of_n = [(at[(path[i - 1], path[i])], 2), (at[(path[i], path[i + 1])], 2)]
+        reads.append(edges_of_n if child else edges_of_n[::-1])
+    # the prompt ends u v / s g =: the last edge has no '|', so s sits at 3E and g at 3E + 1
+    reads = [[(3 * E, 1)]] + reads + [[(3 * E + 1, 1)]]
+    return reads[::-1] if cfg.reverse else reads
+
+
+def box_weight(w, reads, k):
+    """w (..., L, P) -> the weight each answer row puts in its k-th box, 0 where it has none."""
+    rows = [w[..., r, boxes[k][0]:boxes[k][0] + boxes[k][1]].sum(-1) if k < len(boxes)
+            else torch.zeros(w.shape[:-2]) for r, boxes in enumerate(reads)]
+    return torch.stack(rows, -1)  # (..., L)
+
+
+def attention_panel(run_dir):
+    """What one panel of --attention draws: the answer rows' attention on the prompt tokens of the
+    run's worked example, in the head (and layer) that reads the rows' nodes off the edges most."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = worked_example(run_dir)
+    if path.shape[1] != cfg.path_len or edges.shape[1] != cfg.deg * (cfg.path_len - 1):
+        raise nf.UsageError(f"{run_dir}: the worked example is not G({cfg.deg},{cfg.path_len})")
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    # rows: positions P-1 .. P+L-2, each predicting one answer token; columns: the prompt only
+    w = attention_weights(model, x)[:, :, P - 1:, :P]  # (n_layer, n_head, L, P)
+    reads = expected_reads(edges[0], path[0], cfg)
+    solid, dashed = box_weight(w, reads, 0), box_weight(w, reads, 1)  # (n_layer, n_head, L) each
+    # the lookup head: most weight on the rows' edges, either one (s and g copy, look nothing up);
+    # one head, not the layer's mean, since one head can do a layer's lookup alone
+    lookups = [r for r, boxes in enumerate(reads) if len(boxes) == 2] or list(range(len(reads)))
+    layer, head = divmod(int((solid + dashed)[..., lookups].mean(-1).argmax()), cfg.n_head)
+    names = nf.position_names(cfg.path_len, cfg.reverse)  # the rows, in the order they predict
+    answer = path[0][::-1] if cfg.reverse else path[0]
+    return dict(cfg=cfg, w=w[layer, head], reads=reads, where=(layer, head),
+                in_box=(solid[layer, head], dashed[layer, head]),
+                mass=(solid[layer, head, lookups].mean(), dashed[layer, head, lookups].mean()),
+                rows=[f"{n} = {v}" for n, v in zip(names, answer)],
+                columns=token_names(seq[0, :P], cfg.num_nodes))
+
+
+def draw_attention(ax, cfg, w, reads, where, in_box, mass, rows, columns):
+    """One panel: the head's attention weights as a heat map, boxes around where each row should
+    read (solid: its objective's lookup, dashed: the other edge of its node), and on the right the
+    weight each row puts in them."""
+    from matplotlib.patches import Rectangle  # called after subplots: matplotlib is there
+    im = ax.imshow(w.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for r, boxes in enumerate(reads):  # outlines leave the weight under them visible
+        for (c, n), ls in zip(boxes, ("-", "--")):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), n, 1, fill=False, ec="crimson", lw=2, ls=ls))
+    # the token strings as ticks: a box can be checked against the edge list by eye
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set(xlabel="prompt token (read)", ylabel="answer row (predicts)")
+    right = ax.twinx()  # the same rows, labelled on the right with their weight in the boxes
+    right.set(ylim=ax.get_ylim(), ylabel="weight in the boxes: solid, dashed")
+    weights = [f"{a:.2f}, {b:.2f}" if len(boxes) == 2 else f"{a:.2f}"
+               for a, b, boxes in zip(in_box[0].tolist(), in_box[1].tolist(), reads)]
+    right.set_yticks(range(len(rows)), weights, fontsize=8)
+    lookup = ("edge (n_{i-1}, n_i), n_i read as a child" if not (cfg.teacherless or cfg.reverse)
+              else "edge (n_i, n_{i+1}), n_i read as a parent")
+    # the run, the head shown and why, and what the marks mean
+    ax.set_title(f"{panel_title(cfg)}\nlayer {where[0] + 1}/{cfg.n_layer}, head {where[1] + 1}/"
+                 f"{cfg.n_head}: the head with the most weight in the boxes\nlookup rows: "
+                 f"{mass[0]:.0%} of their attention in the solid box, {mass[1]:.0%} in the dashed"
+                 f"\nsolid: the {lookup}; dashed: n_i's other edge; s, g: after '/'", fontsize=8)
+    return im
+
+
+def plot_attention(run_dirs, out_path):
+    """One panel per run, side by side, each as wide as its prompt, with one colour bar."""
+    panels = [attention_panel(run_dir) for run_dir in run_dirs]  # every run read before drawing
+    widths = [len(p["columns"]) for p in panels]  # so that a token is as wide in every panel
+    fig, axes = subplots(1, len(panels), figsize=(0.3 * sum(widths) + 2.5 * len(panels), 4.2),
+                         squeeze=False, gridspec_kw=dict(width_ratios=widths), layout="constrained")
+    ims = [draw_attention(ax, **p) for ax, p in zip(axes[0], panels)]
+    # every panel maps 0..1 to the same colours, so one bar serves them all
+    fig.colorbar(ims[-1], ax=axes[0].tolist(), shrink=0.8, label="attention weight")
     save(fig, out_path)
 
 
@@ -121,12 +307,18 @@ def main(argv=None):
     p = nf.Parser(description="The README's figures, from runs' results.json.")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="learning curves of these runs, 3 panels a row")
     p.add_argument("--example", metavar="RUN_DIR", help="the worked example of this run's last evaluation")
+    p.add_argument("--attention", nargs="+", metavar="RUN_DIR",
+                   help="what the answer positions of these GPT runs attend to, side by side")
     p.add_argument("--out", required=True, help="the PNG to write")
     args = p.parse_args(argv)
     with nf.reported():
-        if bool(args.curves) == bool(args.example):
-            raise nf.UsageError("give one of --curves RUN_DIR ... or --example RUN_DIR")
-        plot_curves(args.curves, args.out) if args.curves else draw_example(args.example, args.out)
+        modes = [(f, a) for f, a in ((plot_curves, args.curves), (draw_example, args.example),
+                                     (plot_attention, args.attention)) if a]
+        if len(modes) != 1:  # one figure per call: each writes its own --out
+            raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR or "
+                                "--attention RUN_DIR ...")
+        (draw, run_dirs), = modes
+        draw(run_dirs, args.out)
 
 
 if __name__ == "__main__":
