@@ -1294,6 +1294,22 @@ def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_notebook_cells_run_in_order_then_train_from_python(tmp_path, monkeypatch, capsys):
+    """Each `# %%` cell, run in order in a fresh namespace, only defines; a cell that used a name
+    of a later cell would raise NameError here. Then one call trains and returns the model."""
+    cells = re.split(r"^# %%.*$", (HERE / "nanofail.py").read_text(), flags=re.M)
+    assert len(cells) >= 8  # the docstring, imports, data, encoding, objectives, model, evaluation, ...
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(HERE))  # the model cell imports mamba_min
+    ns = {"__name__": "notebook"}
+    for cell in cells:
+        exec(compile(cell, "cell", "exec"), ns)
+    assert capsys.readouterr() == ("", "") and not list(tmp_path.iterdir())  # nothing ran
+    model, history = ns["train"](ns["Config"](**TINY, teacherless=True), log=None)
+    assert isinstance(model, ns["GPT"]) and history[-1]["step"] == TINY["max_iters"]
+    assert capsys.readouterr() == ("", "")  # log=None: silent
+
+
 def test_presets_override_the_defaults_and_yield_to_flags():
     names = next(f for f in nf.fields(nf.Config) if f.name == "preset").metadata["choices"]
     assert names == tuple(nf.PRESETS) and {"quick", "g23", "g25", "paper"} <= set(names)
