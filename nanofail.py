@@ -49,7 +49,7 @@ def make_graphs(n, deg, path_len, num_nodes, rng):
     k, rows = 1 + deg * (path_len - 1), max(1, 2**22 // num_nodes)
     labels = np.concatenate([rng.random((min(rows, n - i), num_nodes), dtype=np.float32)
                              .argsort(axis=1)[:, :k] for i in range(0, max(n, 1), rows)])
-    start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, -1)  # (n, 1), (n, deg, L-1)
+    start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, path_len - 1)  # (n,1), (n,deg,L-1)
     parents = np.concatenate([np.repeat(start[:, :, None], deg, 1), arms[:, :, :-1]], axis=2)
     edges = np.stack([parents, arms], axis=-1).reshape(n, -1, 2)  # (n, E, 2), arm by arm
     order = rng.random(edges.shape[:2]).argsort(axis=1)  # shuffled: the order gives nothing away
