@@ -313,24 +313,29 @@ def report(r, cfg, log=print):
 # RESULTS.md has the runs behind each value.
 PRESETS = {
     "quick": {},  # the defaults: a laptop CPU shows the Clever-Hans signature in minutes
-    "g23": dict(path_len=3,       # s, n1, g: n1 = parent(g), a one-step plan
-                n_train=200_000,  # the paper's training set
-                batch_size=256, max_iters=3000, eval_interval=250),
-    "g25": dict(n_layer=8,        # depth shortens the plateaus of the plan's three links
+    "g23": dict(path_len=3,          # s, n1, g: n1 = parent(g), a one-step plan
+                n_train=200_000,     # the paper's training set
+                batch_size=256,      # and its batch size
+                max_iters=3000,      # the plan appears only after a plateau
+                eval_interval=250),  # to see when
+    "g25": dict(n_layer=8,           # depth shortens the plateaus of the plan's three links
                 n_train=200_000, batch_size=256,
-                lr=5e-4,          # higher rates stayed on the first plateau
-                min_lr_frac=1,    # constant: a cosine decays before the last plateau ends
-                fresh_after=6000,  # the pool gets the model off the first plateau; then new graphs
-                max_iters=16_000, eval_interval=1000, log_interval=500),
-    "paper": dict(n_layer=12, n_embd=384, n_head=6, n_train=200_000, n_test=20_000,  # Sec. 4
-                  batch_size=256, lr=5e-4, warmup_iters=1000,
-                  max_iters=390_625,  # 500 epochs of 200,000 graphs
+                lr=5e-4,             # higher rates stayed on the first plateau
+                min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
+                fresh_after=6000,    # the pool gets the model off the first plateau; then new graphs
+                max_iters=16_000,    # what a 2-core CPU trains in hours; the paper: 390,625
+                eval_interval=1000, log_interval=500),
+    "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
+                  n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, warmup_iters=1000,
+                  max_iters=390_625,  # 500 epochs of 200,000 graphs: a GPU's work
                   eval_interval=5000, log_interval=500),
 }
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches, a higher lr and more steps show the same signature in minutes.
-MAMBA_PRESETS = dict(quick=dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500,
-                                eval_interval=250), g23=dict(PRESETS["g23"], n_layer=2, lr=3e-3))
+MAMBA_PRESETS = {
+    "quick": dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),
+    "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
+}
 
 def knob(default, help, **checks):
     """A Config field with its help line and checks: min, max, choices, and fixed (a model or task
