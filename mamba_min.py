@@ -205,10 +205,9 @@ def _scan_fast(u, delta, A, B, C, D, h, mode):
     """selective_scan's "loop", "chunked" and "auto": same arguments and (y, h) as scan_ref, but
     the dA, dBu (b, l, d_in, n) of all steps are made at once, then the recurrence runs on them."""
     if mode == "auto":
-        # Measured with benchmark() (forward+backward): on a CPU "loop" wins at every length. On an
-        # H100 "chunked" (~2 sqrt(l) launches instead of l) wins only on long sequences, 17.6 ->
-        # 7.4 ms at b=8 l=200; at the paper preset's size (b=256, d_in=768, l=36) it moves 4x the
-        # memory and loses, 9.7 ms for "loop" against 33.8.
+        # benchmark() (forward+backward; timings in RESULTS.md): on a CPU "loop" wins at every
+        # length; on a GPU "chunked" (~2 sqrt(l) launches instead of l) wins on long sequences
+        # only, and at the paper preset's size it moves more memory and loses.
         mode = "chunked" if u.device.type != "cpu" and u.shape[1] > 128 else "loop"
     dA = torch.exp(einsum(delta, A, "b l d, d n -> b l d n"))         # zero-order hold
     dBu = einsum(delta * u, B, "b l d, b l n -> b l d n")             # Euler
