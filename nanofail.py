@@ -322,7 +322,7 @@ PRESETS = {
                 n_train=200_000, batch_size=256,
                 lr=5e-4,             # higher rates stayed on the first plateau
                 min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
-                fresh_after=6000,    # the pool gets the model off the first plateau; then new graphs
+                fresh_after=6000,    # the pool gets it off the first plateau; then new graphs
                 max_iters=16_000,    # what a 2-core CPU trains in hours; the paper: 390,625
                 eval_interval=1000, log_interval=500),
     "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
@@ -455,8 +455,8 @@ def make_splits(cfg, log=print):
         raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
                          "--num_nodes or lower --deg/--path_len")
     fresh = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size if cfg.fresh_after else 0
-    check_memory(("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test + fresh,
-                 deg, L)  # and the new graphs of --fresh_after, before step 1
+    drawn = ("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test
+    check_memory(drawn + fresh, deg, L)  # with the new graphs of --fresh_after, before step 1
     rng_test, rng_train = map(np.random.default_rng, np.random.SeedSequence(cfg.seed).spawn(2))
     test = loaded.get("test") or make_graphs(cfg.n_test, deg, L, N, rng_test)
     train = loaded.get("train") or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
@@ -623,7 +623,8 @@ def train_batches(cfg, step, train_set, test_set, device, log):
         seq = torch.from_numpy(encode(*graphs, cfg.num_nodes, cfg.reverse)[0]).to(device)
         if fresh and step == cfg.fresh_after:  # the pool has done its work: new graphs from here
             log(f"step {step}: from here on {len(seq)} new graphs, each seen once")
-        for idx in batches(len(seq), cfg.batch_size, torch.Generator(device).manual_seed(cfg.seed + step)):
+        gen = torch.Generator(device).manual_seed(cfg.seed + step)
+        for idx in batches(len(seq), cfg.batch_size, gen):
             yield seq[idx]
             step += 1
             if step == cfg.fresh_after:
@@ -637,7 +638,8 @@ def progress(step, losses, seconds, cfg, model):
     attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
     flops, eta = (6 * n_params + attn) * T * cfg.batch_size * its, (cfg.max_iters - step) / its / 60
     return (f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
-            f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | ETA {eta:.1f}m")
+            f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | ETA "
+            f"{eta:.1f} min")
 
 def resume_hint(saved, cfg):
     if saved:
@@ -651,8 +653,9 @@ def finite(window, step, cfg, saved):
     losses = torch.stack(window)
     if not torch.isfinite(losses).all():
         j = int((~torch.isfinite(losses)).nonzero()[0])
-        raise Stopped(f"the loss is {losses[j].item()} at step {step - len(window) + 1 + j}: training"
-                      f" diverged; lower --lr (now {cfg.lr:g}). {resume_hint(saved, cfg)}")
+        at = step - len(window) + 1 + j
+        raise Stopped(f"the loss is {losses[j].item()} at step {at}: training diverged; lower --lr "
+                      f"(now {cfg.lr:g}). {resume_hint(saved, cfg)}")
     return losses
 
 def train(cfg, log=print):

@@ -54,7 +54,8 @@ def run_main(argv, capsys):
         nf.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1  # what the interpreter exits with for a message
+        # what the interpreter exits with for a message
+        code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -75,7 +76,8 @@ def progress_steps(stdout):
 
 
 def evaluations(stdout):
-    """How many evaluations report() printed: its rows of forced accuracy and of the model's answer."""
+    """How many evaluations report() printed: its rows of forced accuracy and of the model's
+    answer."""
     rows = [ln.split()[:1] for ln in stdout.splitlines()]
     assert rows.count(["forced"]) == rows.count(["model"])
     return rows.count(["forced"])
@@ -133,8 +135,9 @@ def test_edge_order_is_shuffled():
 
 
 class SortedLabels:
-    """A generator whose random() increases along the last axis, so that make_graphs' labels and edge
-    order come out unshuffled (s = 0, arm i = labels 1 + i(L-1) .. (i+1)(L-1)); all else is random."""
+    """A generator whose random() increases along the last axis, so that make_graphs' labels and
+    edge order come out unshuffled (s = 0, arm i = labels 1 + i(L-1) .. (i+1)(L-1)); all else is
+    random."""
 
     def __init__(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -161,7 +164,8 @@ def test_goal_arm_is_random():
 
 
 def test_splits_are_deterministic_and_disjoint():
-    cfg = nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)  # few graphs: collisions
+    # few graphs: collisions
+    cfg = nf.Config(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)
     (tr_e, tr_p), (te_e, te_p), task = nf.make_splits(cfg)
     assert len(tr_e) == 2000 and len(te_e) == 200
     assert task == dict(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)
@@ -193,7 +197,8 @@ def test_text_format_round_trip(tmp_path):
 
 
 def test_export_data_writes_both_files(tmp_path, capsys):
-    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"], capsys)
+    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"],
+                            capsys)
     assert code == 0 and "300" in out and "30" in out
     tr, te = (nf.parse_graphs((tmp_path / name).read_text()) for name in ("train.txt", "test.txt"))
     (tr_e, tr_p), (te_e, te_p), _ = nf.make_splits(nf.Config(n_train=300, n_test=30))
@@ -202,19 +207,22 @@ def test_export_data_writes_both_files(tmp_path, capsys):
 
 
 def test_export_data_keeps_data_already_in_the_folder(tmp_path, capsys):
-    assert run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"], capsys)[0] == 0
+    assert run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"],
+                    capsys)[0] == 0
     before = {f: (tmp_path / f).read_bytes() for f in ("train.txt", "test.txt")}
-    usage_error(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20", "--seed", "2"], capsys,
-                "--export_data")
+    usage_error(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20", "--seed", "2"],
+                capsys, "--export_data")
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
-    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20", "--overwrite"], capsys)
+    code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "200", "--n_test", "20",
+                             "--overwrite"], capsys)
     assert code == 0 and len(nf.parse_graphs((tmp_path / "train.txt").read_text())[0]) == 200
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
-@pytest.mark.parametrize("name,deg,path_len,N,P", [("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
-                                                   ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
-                                                   ("deg_2_path_3_nodes_10_test_20000.txt", 2, 3, 10, 15)])
+@pytest.mark.parametrize("name,deg,path_len,N,P", [
+    ("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
+    ("deg_5_path_3_nodes_50_test_20000.txt", 5, 3, 50, 33),
+    ("deg_2_path_3_nodes_10_test_20000.txt", 2, 3, 10, 15)])
 def test_original_test_files_load(name, deg, path_len, N, P):
     cfg = nf.Config(test_file=str(SHARED / name), n_train=100)
     (tr_e, tr_p), (te_e, te_p), task = nf.make_splits(cfg, log=lambda *a, **k: None)
@@ -223,7 +231,8 @@ def test_original_test_files_load(name, deg, path_len, N, P):
     assert prompt_len == P and seq.shape == (20_000, P + path_len) and seq.max() < N + 4
     assert open(SHARED / name).readline().strip().split("=")[1] == ",".join(map(str, te_p[0]))
     assert tr_e.shape[1:] == te_e.shape[1:] and tr_e.max() < N
-    assert len(tr_e) == 100 and not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
+    assert len(tr_e) == 100 and not (set(nf.prompt_keys(tr_e, tr_p))
+                                     & set(nf.prompt_keys(te_e, te_p)))
 
 
 G22, G23 = "1,2|1,3/1,3=1,3", "1,2|2,3|1,4|4,5/1,3=1,2,3"
@@ -255,7 +264,8 @@ def test_malformed_files_name_the_line(tmp_path, capsys, lines, lineno):
 def test_a_data_file_sets_the_task_and_says_so(tmp_path, capsys):
     f = tmp_path / "g23.txt"
     nf.write_graphs(str(f), *graphs(n=40, deg=2, path_len=3, num_nodes=20))
-    code, out, _ = run_main(flags(max_iters=2, test_file=f, deg=3, num_nodes=30, out_dir=tmp_path / "run"), capsys)
+    code, out, _ = run_main(flags(max_iters=2, test_file=f, deg=3, num_nodes=30,
+                                  out_dir=tmp_path / "run"), capsys)
     assert code == 0
     notes = [ln for ln in out.splitlines() if ln.startswith("note")]
     assert len(notes) == 1 and "--deg 2" in notes[0] and "--path_len 3" in notes[0]
@@ -278,7 +288,8 @@ def test_encoding_matches_the_original_tokens():
     seq, P = nf.encode(edges, path, num_nodes=10)
     pipe, eq, slash = 10, 11, 12
     assert nf.tok(10) == dict(pipe=10, eq=11, slash=12, dollar=13)
-    assert P == 15 and seq[0].tolist() == [5, 2, pipe, 2, 8, pipe, 5, 9, pipe, 9, 3, slash, 5, 8, eq, 5, 2, 8]
+    assert P == 15 and seq[0].tolist() == [5, 2, pipe, 2, 8, pipe, 5, 9, pipe, 9, 3, slash,
+                                           5, 8, eq, 5, 2, 8]
     rev, _ = nf.encode(edges, path, num_nodes=10, reverse=True)
     assert rev[0, P:].tolist() == [8, 2, 5] and np.array_equal(rev[0, :P], seq[0, :P])
 
@@ -317,7 +328,8 @@ def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless):
 
     def build(*args, **kwargs):
         model = real_build(*args, **kwargs)
-        model.register_forward_pre_hook(lambda m, a: given.append(a[0].clone()) if m.training else None)
+        model.register_forward_pre_hook(
+            lambda m, a: given.append(a[0].clone()) if m.training else None)
         return model
 
     def loss(model, seq, *args, **kwargs):
@@ -330,7 +342,8 @@ def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless):
     P, dollar = 3 * cfg.deg * (cfg.path_len - 1) + 3, nf.tok(cfg.num_nodes)["dollar"]
     assert len(given) == len(batches) == 2
     for x, seq in zip(given, batches):
-        assert x.shape == (cfg.batch_size, P + cfg.path_len - 1) and torch.equal(x[:, :P], seq[:, :P])
+        assert (x.shape == (cfg.batch_size, P + cfg.path_len - 1)
+                and torch.equal(x[:, :P], seq[:, :P]))
         if teacherless:
             assert (x[:, P:] == dollar).all()
         else:
@@ -371,7 +384,8 @@ LENGTHS = list(range(1, 71)) + [97, 128, 211, 256]
 
 
 def scan_inputs(l, b=2, d_in=3, n=4, seed=0, dtype=torch.float32):
-    """Random valid scan inputs: delta > 0, A < 0 (down to -16, the largest |A| at init with n = 16)."""
+    """Random valid scan inputs: delta > 0, A < 0 (down to -16, the largest |A| at init with
+    n = 16)."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(b, l, d_in, generator=g)
     delta = F.softplus(torch.randn(b, l, d_in, generator=g) - 1)
@@ -383,7 +397,8 @@ def scan_inputs(l, b=2, d_in=3, n=4, seed=0, dtype=torch.float32):
 
 def value_and_grads(inputs, mode):
     """Scan output and the gradients of a random linear function of it w.r.t. all six inputs."""
-    device = "cpu" if inputs[0].dtype == torch.float64 else DEVICE  # the float64 oracle runs on the CPU
+    # the float64 oracle runs on the CPU
+    device = "cpu" if inputs[0].dtype == torch.float64 else DEVICE
     inputs = [t.detach().clone().to(device).requires_grad_() for t in inputs]
     y = selective_scan(*inputs, mode=mode)
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
@@ -412,7 +427,8 @@ def test_scan_matches_float64_reference_values_and_grads(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_decay_one_gives_cumulative_sum(mode):
     u, delta, _, B, C, D = scan_inputs(37)
-    A = torch.zeros(u.shape[-1], B.shape[-1])  # exp(delta * 0) = 1: the state just adds up its inputs
+    # exp(delta * 0) = 1: the state just adds up its inputs
+    A = torch.zeros(u.shape[-1], B.shape[-1])
     h = torch.cumsum((delta * u)[..., None] * B[:, :, None, :], dim=1)  # (b, l, d_in, n)
     expected = torch.einsum("bldn,bln->bld", h, C) + D * u
     assert_close_rel(selective_scan(u, delta, A, B, C, D, mode=mode), expected)
@@ -432,7 +448,8 @@ def test_extreme_delta_stays_finite_and_correct(mode):
         u, delta, A, B, C, D = scan_inputs(l, seed=l)
         A = A.clone()
         A[:, 0], A[:, -1] = -1.0, -16.0
-        # decays exp(delta * A) that are ~1, denormal (exp(-95) < 1.2e-38: the smallest normal), or 0
+        # decays exp(delta * A) that are ~1, denormal (exp(-95) < 1.2e-38: the smallest
+        # normal), or 0
         pick = torch.randint(0, 3, delta.shape, generator=torch.Generator().manual_seed(2))
         delta = torch.tensor([1e-6, 95.0, 1e3])[pick]
         got = value_and_grads([u, delta, A, B, C, D], mode)
@@ -486,7 +503,8 @@ def test_generate_equals_greedy_full_forward(prompt_len):
     model = tiny_model(seed=prompt_len)
     with torch.no_grad():  # bigger embeddings than at init, so that the greedy choice varies
         model.embedding.weight.normal_(std=1.0)
-    idx = torch.randint(0, 11, (3, prompt_len), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    idx = torch.randint(0, 11, (3, prompt_len),
+                        generator=torch.Generator().manual_seed(0)).to(DEVICE)
     new = model.generate(idx, max_new_tokens=12)
     seq = idx
     with torch.no_grad():
@@ -507,7 +525,8 @@ def test_generate_reads_the_prompt_once_then_one_token_per_step(monkeypatch):
 
     monkeypatch.setattr(mamba_min, "selective_scan", recording_scan)
     model.generate(torch.zeros(2, 7, dtype=torch.long, device=DEVICE), max_new_tokens=5)
-    assert lengths == [7] * 2 + [1] * (2 * 4)  # 2 layers: the prompt in parallel, then 4 single steps
+    # 2 layers: the prompt in parallel, then 4 single steps
+    assert lengths == [7] * 2 + [1] * (2 * 4)
 
 
 def test_initialisation_after_build():
@@ -519,7 +538,8 @@ def test_initialisation_after_build():
     for layer in model.layers:
         dt = F.softplus(layer.dt_proj.bias)
         assert dt.shape == (d_in,) and dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
-        assert dt.max() / dt.min() > 10  # log-uniform spread, not zeroed by the model-wide bias init
+        # log-uniform spread, not zeroed by the model-wide bias init
+        assert dt.max() / dt.min() > 10
         assert layer.dt_proj.bias._no_reinit
         bound = math.ceil(d_model / 16) ** -0.5
         assert layer.dt_proj.weight.abs().max() <= bound
@@ -527,9 +547,11 @@ def test_initialisation_after_build():
         torch.testing.assert_close(A, -torch.arange(1.0, d_state + 1).expand(d_in, d_state))
         torch.testing.assert_close(layer.D.cpu(), torch.ones(d_in))
         assert layer.A_log._no_weight_decay and layer.D._no_weight_decay
-        out_bound = 1 / math.sqrt(d_in * n_layer)  # kaiming_uniform(a=sqrt(5)) bound / sqrt(n_layer)
+        # kaiming_uniform(a=sqrt(5)) bound / sqrt(n_layer)
+        out_bound = 1 / math.sqrt(d_in * n_layer)
         assert 0.9 * out_bound < layer.out_proj.weight.abs().max() <= out_bound
-        assert layer.in_proj.bias is None and layer.x_proj.bias is None and layer.out_proj.bias is None
+        assert (layer.in_proj.bias is None and layer.x_proj.bias is None
+                and layer.out_proj.bias is None)
         assert layer.conv1d.weight.shape == (d_in, 1, 4) and layer.conv1d.bias is not None
         assert layer.x_proj.out_features == math.ceil(d_model / 16) + 2 * d_state
 
@@ -572,8 +594,8 @@ def test_autocast_bf16_forward_and_fp32_scan():
 
 
 def test_tiny_mamba_overfits_a_handful_of_graphs():
-    cfg = tiny(model="mamba", n_layer=2, n_embd=32, n_train=16, batch_size=16, max_iters=150, lr=1e-2,
-               warmup_iters=10, eval_interval=150, log_interval=150)
+    cfg = tiny(model="mamba", n_layer=2, n_embd=32, n_train=16, batch_size=16, max_iters=150,
+               lr=1e-2, warmup_iters=10, eval_interval=150, log_interval=150)
     (tr_e, tr_p), _, _ = nf.make_splits(cfg)
     torch.manual_seed(cfg.seed)
     model = nf.build_model(cfg, cfg.num_nodes + 4, 31)
@@ -595,16 +617,17 @@ def test_nanofail_trains_mamba(tmp_path, capsys, objective):
                                 out_dir=tmp_path, **objective), capsys)
     res = json.load(open(tmp_path / "results.json"))
     assert code == 0 and res["config"]["model"] == "mamba" and res["final"]["step"] == 30
-    assert res["history"][-1]["train_loss"] < math.log(54) and 0 <= res["final"]["test_exact_match"] <= 1
+    assert (res["history"][-1]["train_loss"] < math.log(54)
+            and 0 <= res["final"]["test_exact_match"] <= 1)
 
 # ---- evaluation
 
 
 @pytest.mark.parametrize("model", ["gpt", "mamba"])
 def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
-    """evaluate() scores exact match with one forward pass: decoding is right all the way exactly when
-    every teacher-forced prediction is right. Check it against real decoding, token by token, on more
-    graphs than one evaluation batch (128)."""
+    """evaluate() scores exact match with one forward pass: decoding is right all the way exactly
+    when every teacher-forced prediction is right. Check it against real decoding, token by token,
+    on more graphs than one evaluation batch (128)."""
     cfg = tiny(model=model, n_layer=2, n_train=16, n_test=150, batch_size=16, lr=1e-2)
     (tr_e, tr_p), (te_e, te_p), _ = nf.make_splits(cfg)
     edges, path = np.concatenate([tr_e, te_e]), np.concatenate([tr_p, te_p])
@@ -624,7 +647,8 @@ def test_exact_match_from_the_forced_pass_equals_greedy_decoding(model):
     right = (decoded == seq[:, P:]).all(1)
     exact = right.float().mean().item()
     assert 0 < exact < 1 and r["test_exact_match"] == pytest.approx(exact)
-    assert len(r["forced_token_acc"]) == cfg.path_len and r["test_exact_match"] <= min(r["forced_token_acc"])
+    assert (len(r["forced_token_acc"]) == cfg.path_len
+            and r["test_exact_match"] <= min(r["forced_token_acc"]))
     ex = r["example"]
     k = ex["index"]  # the first graph decoded wrong
     assert right[:k].all() and not right[k]
@@ -636,13 +660,17 @@ def test_explain_names_where_the_answer_went_wrong():
     # G(2,4): s = 5, arms 5-2-8-7 and 5-9-3-4, goal 7
     edges, path = [[5, 2], [2, 8], [5, 9], [9, 3], [8, 7], [3, 4]], [5, 2, 8, 7]
     assert nf.explain(edges, path, [5, 2, 8, 7]) == "right"
-    # the Clever-Hans picture: the other child of s, then its arm; g itself is copied from the prompt
-    assert nf.explain(edges, path, [5, 9, 3, 7]) == "wrong arm at n1, then n2 along the edges from there"
-    assert nf.explain(edges, path, [5, 9, 3, 4]) == "wrong arm at n1, then n2 g along the edges from there"
+    # the Clever-Hans picture: the other child of s, then its arm;
+    # g itself is copied from the prompt
+    assert (nf.explain(edges, path, [5, 9, 3, 7])
+            == "wrong arm at n1, then n2 along the edges from there")
+    assert (nf.explain(edges, path, [5, 9, 3, 4])
+            == "wrong arm at n1, then n2 g along the edges from there")
     assert nf.explain(edges, path, [5, 9, 2, 7]) == "wrong arm at n1, n2 too"  # 2 does not follow 9
     assert nf.explain(edges, path, [5, 2, 3, 7]) == "wrong at n2"
     assert nf.explain(edges, path, [7, 8, 2, 5], reverse=True) == "right"
-    assert nf.explain(edges, path, [7, 3, 9, 5], reverse=True) == "wrong at n2, then n1 along the edges from there"
+    assert (nf.explain(edges, path, [7, 3, 9, 5], reverse=True)
+            == "wrong at n2, then n1 along the edges from there")
 
 
 def first_word(r, **cfg):
@@ -650,7 +678,7 @@ def first_word(r, **cfg):
 
 
 @pytest.mark.parametrize("forced,exact,cfg,word", [
-    ([1.0, 0.51, 1.0, 1.0, 1.0], 0.51, {}, "Clever"),               # n1 a guess among 2, the rest read off
+    ([1.0, 0.51, 1.0, 1.0, 1.0], 0.51, {}, "Clever"),  # n1 a guess among 2, the rest read off
     ([1.0, 0.21, 0.99, 1.0], 0.2, dict(deg=5, path_len=4), "Clever"),  # a guess among 5
     ([1.0, 0.5, 0.99, 1.0], 0.5, dict(deg=5, path_len=4), "still"),    # above 1/deg: learning n1
     ([1.0, 0.51, 0.6, 1.0, 1.0], 0.3, {}, "still"),                  # the lookups not learned yet
@@ -693,7 +721,8 @@ def test_every_evaluation_prints_a_worked_example(tmp_path, capsys):
     final = json.load(open(tmp_path / "results.json"))["final"]
     ex = final["example"]
     assert code == 0 and set(ex) == {"index", "edges", "path", "pred"}
-    assert evaluations(out) == 2 and out.count(graph_text(ex["edges"], ex["path"])) == 2  # steps 2 and 4
+    # steps 2 and 4
+    assert evaluations(out) == 2 and out.count(graph_text(ex["edges"], ex["path"])) == 2
     _, (te_e, te_p), _ = nf.make_splits(tiny(**kw))
     assert ex["edges"] == te_e[ex["index"]].tolist() and ex["path"] == te_p[ex["index"]].tolist()
     true, model = ([ln.split()[1:] for ln in out.splitlines() if ln.split()[:1] == [name]][-1]
@@ -710,7 +739,8 @@ def test_lr_schedule():
     cfg = tiny(lr=1e-3, warmup_iters=10, max_iters=100, min_lr_frac=0.1)
     lrs = [nf.lr_at(s, cfg) for s in range(100)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and nf.lr_at(100, cfg) == pytest.approx(1e-4)
+    assert (all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+            and nf.lr_at(100, cfg) == pytest.approx(1e-4))
 
 
 def test_min_lr_frac_one_is_a_constant_lr_after_warmup():
@@ -725,7 +755,8 @@ def test_weight_decay_groups():
     cfg = tiny(weight_decay=0.3, beta2=0.99)
     opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
     decay, rest = opt.param_groups
-    assert all(p.dim() == 2 for p in decay["params"]) and any(p is model.ln_f.weight for p in rest["params"])
+    assert (all(p.dim() == 2 for p in decay["params"])
+            and any(p is model.ln_f.weight for p in rest["params"]))
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
     assert (decay["weight_decay"], rest["weight_decay"]) == (0.3, 0.0)
     assert decay["betas"] == rest["betas"] == (0.9, 0.99)
@@ -747,14 +778,18 @@ def test_mamba_A_log_and_D_get_no_weight_decay():
 
 @pytest.mark.parametrize("objective", [{}, {"reverse": True}, {"teacherless": True}])
 def test_tiny_training_loss_falls_and_train_returns_that_model(objective):
-    cfg = tiny(n_train=512, n_test=64, batch_size=64, max_iters=80, eval_interval=20, lr=1e-2, **objective)
+    cfg = tiny(n_train=512, n_test=64, batch_size=64, max_iters=80, eval_interval=20, lr=1e-2,
+               **objective)
     model, hist = nf.train(cfg, log=None)
     assert [h["step"] for h in hist] == [20, 40, 60, 80]
-    assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])  # from ~log(vocab)
+    # from ~log(vocab)
+    assert hist[-1]["train_loss"] < min(0.85 * np.log(54), hist[0]["train_loss"])
     r = hist[-1]
-    assert 0 <= r["test_exact_match"] <= 1 and len(r["forced_token_acc"]) == len(r["example"]["pred"]) == 5
+    assert (0 <= r["test_exact_match"] <= 1
+            and len(r["forced_token_acc"]) == len(r["example"]["pred"]) == 5)
     assert r["test_exact_match"] <= min(r["forced_token_acc"]) + 1e-9
-    assert r["forced_token_acc"][0] > 0.9  # the first answer token (s, or g when reversed) is in the prompt
+    # the first answer token (s, or g when reversed) is in the prompt
+    assert r["forced_token_acc"][0] > 0.9
     # the returned model is the one the last evaluation scored
     _, test, task = nf.make_splits(cfg)
     device = torch.device(DEVICE)
@@ -767,7 +802,8 @@ def test_tiny_training_loss_falls_and_train_returns_that_model(objective):
     lines = []
     nf.report(again, cfg, log=lines.append)
     text = "\n".join(lines)
-    assert nf.verdict(again, cfg) in text and graph_text(r["example"]["edges"], r["example"]["path"]) in text
+    assert (nf.verdict(again, cfg) in text
+            and graph_text(r["example"]["edges"], r["example"]["path"]) in text)
 
 
 def test_train_with_log_none_says_nothing(capsys):
@@ -795,17 +831,20 @@ def test_checkpoint_round_trip_and_resume(tmp_path, capsys):
     res = json.load(open(out / "results.json"))
     assert set(res) == {"config", "history", "final"} and res["final"]["step"] == 8
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 8 and ckpt["config"]["n_embd"] == 32 and ckpt["history"] == res["history"]
+    assert (ckpt["step"] == 8 and ckpt["config"]["n_embd"] == 32
+            and ckpt["history"] == res["history"])
     cfg = nf.Config(**ckpt["config"])
     model = nf.build_model(cfg, cfg.num_nodes + 4, 27 + 4)
     model.load_state_dict(ckpt["model"])
     _, (te_e, te_p), _ = nf.make_splits(cfg)
     device = torch.device(DEVICE)
     dtype = nf.autocast_dtype(cfg.dtype, device)
-    r = nf.evaluate(model.to(device), te_e, te_p, cfg.num_nodes, amp=lambda: nf.compute_context(device, dtype))
+    r = nf.evaluate(model.to(device), te_e, te_p, cfg.num_nodes,
+                    amp=lambda: nf.compute_context(device, dtype))
     assert r["test_exact_match"] == pytest.approx(res["final"]["test_exact_match"])
     assert r["forced_token_acc"] == pytest.approx(res["final"]["forced_token_acc"])
-    # --resume alone continues with the checkpoint's settings (into its own folder); flags override them
+    # --resume alone continues with the checkpoint's settings (into its own folder);
+    # flags override them
     code, stdout, _ = run_main(["--max_iters", "12", "--resume", out / "ckpt.pt"], capsys)
     assert code == 0 and progress_steps(stdout) == [10, 12]  # steps 9..12 only
     said = [ln for ln in stdout.splitlines() if str(out / "ckpt.pt") in ln]
@@ -834,30 +873,37 @@ def test_max_iters_zero_evaluates_the_untrained_model(capsys):
 
 def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys):
     kw = dict(n_train=64, n_test=16, batch_size=16, min_lr_frac=1)
-    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]  # noqa: E731
-    code, stdout, _ = run_main(flags(max_iters=10, fresh_after=6, out_dir=tmp_path / "one", **kw), capsys)
+    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt",  # noqa: E731
+                                     weights_only=True)["model"]
+    code, stdout, _ = run_main(flags(max_iters=10, fresh_after=6, out_dir=tmp_path / "one", **kw),
+                               capsys)
     assert code == 0 and re.search(r"^step 6\b.*\b64\b", stdout, re.M)  # (10 - 6) * 16 new graphs
     assert run_main(flags(max_iters=10, out_dir=tmp_path / "pool", **kw), capsys)[0] == 0
     assert run_main(flags(max_iters=6, out_dir=tmp_path / "two", **kw), capsys)[0] == 0
-    code, stdout, _ = run_main(["--resume", tmp_path / "two" / "ckpt.pt", "--max_iters", "10", "--fresh_after", "6"],
-                               capsys)
+    code, stdout, _ = run_main(["--resume", tmp_path / "two" / "ckpt.pt", "--max_iters", "10",
+                                "--fresh_after", "6"], capsys)
     assert code == 0
     one, two, pool = weights("one"), weights("two"), weights("pool")
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # the same run, in one go or in two
-    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # the new graphs were trained on
+    # the same run, in one go or in two
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    # the new graphs were trained on
+    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)
     cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
     train, test, _ = nf.make_splits(cfg)
     new = nf.unseen_graphs(cfg, test)
-    assert len(new[0]) == 64 and not set(nf.prompt_keys(*new)) & set(nf.prompt_keys(*train) + nf.prompt_keys(*test))
+    assert len(new[0]) == 64 and not (set(nf.prompt_keys(*new))
+                                      & set(nf.prompt_keys(*train) + nf.prompt_keys(*test)))
 
 
 def test_too_many_fresh_graphs_are_refused_before_step_1(capsys):
-    out, _ = usage_error(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys, "--max_iters")
+    out, _ = usage_error(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys,
+                         "--max_iters")
     assert progress_steps(out) == []
 
 
 def test_a_checkpoint_from_an_older_version_resumes_as_that_version_ran(tmp_path, capsys):
-    old = dict(nf.asdict(nf.Config(preset="g25")), dropped_knob=1)  # as if saved before these knobs existed
+    # as if saved before these knobs existed
+    old = dict(nf.asdict(nf.Config(preset="g25")), dropped_knob=1)
     for k in ("min_lr_frac", "beta2", "compile_mode", "threads", "overwrite"):
         del old[k]
     cfg = nf.Config(**nf.known_knobs(old))
@@ -879,10 +925,12 @@ def test_flags_given_on_resume_reach_the_optimizer(tmp_path, capsys, monkeypatch
     out = tmp_path / "run"
     assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
     made, real = [], nf.make_optimizer
-    monkeypatch.setattr(nf, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(nf, "make_optimizer",
+                        lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     code, _, _ = run_main(["--resume", out / "ckpt.pt", "--max_iters", "4", "--weight_decay", "0",
                            "--beta2", "0.5"], capsys)
-    assert code == 0 and torch.load(out / "ckpt.pt", weights_only=True)["config"]["weight_decay"] == 0
+    assert (code == 0
+            and torch.load(out / "ckpt.pt", weights_only=True)["config"]["weight_decay"] == 0)
     assert [(g["weight_decay"], g["betas"]) for g in made[0].param_groups] == [(0, (0.9, 0.5))] * 2
 
 
@@ -896,7 +944,8 @@ def restore_threads():
 def test_threads_sets_the_cpu_threads(capsys, monkeypatch, restore_threads):
     n = 2 if restore_threads == 1 else 1
     seen, real = [], nf.answer_loss
-    monkeypatch.setattr(nf, "answer_loss", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr(nf, "answer_loss",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     assert run_main(flags(max_iters=2, threads=n, device="cpu"), capsys)[0] == 0
     assert seen == [n, n]
 
@@ -907,7 +956,8 @@ def test_compile_mode_without_compile_trains_eagerly(capsys, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("torch.compile called without --compile")
     monkeypatch.setattr(torch, "compile", no_compile)
-    code, stdout, _ = run_main(flags(max_iters=2, log_interval=1, compile_mode="max-autotune"), capsys)
+    code, stdout, _ = run_main(flags(max_iters=2, log_interval=1, compile_mode="max-autotune"),
+                               capsys)
     assert code == 0 and progress_steps(stdout) == [1, 2]
 
 
@@ -917,12 +967,14 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_checkpoint(tmp_path, capsys
     before = (out / "ckpt.pt").read_bytes()
     code, stdout, err = run_main(flags(resume=out / "ckpt.pt", max_iters=400, lr=1e6, grad_clip=0,
                                        log_interval=100), capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "--lr" in err and "nan" in err.lower()
+    assert (code == 1 and len(err.strip().splitlines()) == 1 and "--lr" in err
+            and "nan" in err.lower())
     assert progress_steps(stdout) == []  # stopped at the bad step, not at the next progress line
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-def test_a_loss_gone_nan_stops_the_run_at_that_step_and_names_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_loss_gone_nan_stops_the_run_at_that_step_and_names_the_last_checkpoint(
+        tmp_path, capsys, monkeypatch):
     calls, real = [], nf.answer_loss
 
     def nan_at_step_5(*args, **kwargs):
@@ -931,7 +983,8 @@ def test_a_loss_gone_nan_stops_the_run_at_that_step_and_names_the_last_checkpoin
         return loss * float("nan") if len(calls) == 5 else loss
     monkeypatch.setattr(nf, "answer_loss", nan_at_step_5)
     out = tmp_path / "run"
-    code, stdout, err = run_main(flags(max_iters=10, eval_interval=2, log_interval=100, out_dir=out), capsys)
+    code, stdout, err = run_main(flags(max_iters=10, eval_interval=2, log_interval=100,
+                                       out_dir=out), capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and len(calls) == 5
     assert re.search(r"\b5\b", err) and "--lr" in err and f"--resume {out / 'ckpt.pt'}" in err
     assert ckpt_step(out / "ckpt.pt") == 4  # the last save before it, kept
@@ -959,7 +1012,8 @@ def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("eval_interval,first", [(5, 5), (0, 10)])
-def test_ctrl_c_before_the_first_checkpoint_says_when_it_comes(tmp_path, capsys, monkeypatch, eval_interval, first):
+def test_ctrl_c_before_the_first_checkpoint_says_when_it_comes(tmp_path, capsys, monkeypatch,
+                                                               eval_interval, first):
     interrupt_at_call(monkeypatch, 3)
     out = tmp_path / "run"
     code, _, err = run_main(flags(max_iters=10, eval_interval=eval_interval, out_dir=out), capsys)
@@ -975,16 +1029,18 @@ def test_ctrl_c_without_out_dir_suggests_it(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["diverged", "interrupted"])
-def test_a_resumed_run_stopped_before_its_first_save_names_its_checkpoint(tmp_path, capsys, monkeypatch, how):
+def test_a_resumed_run_stopped_before_its_first_save_names_its_checkpoint(tmp_path, capsys,
+                                                                          monkeypatch, how):
     out = tmp_path / "run"
     assert run_main(flags(max_iters=2, out_dir=out), capsys)[0] == 0
     more = dict(lr=1e6, grad_clip=0) if how == "diverged" else {}
     if how == "interrupted":
         interrupt_at_call(monkeypatch, 3)
-    code, _, err = run_main(flags(resume=out / "ckpt.pt", max_iters=400, eval_interval=300, out_dir=out, **more),
-                            capsys)
+    code, _, err = run_main(flags(resume=out / "ckpt.pt", max_iters=400, eval_interval=300,
+                                  out_dir=out, **more), capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert f"--resume {out / 'ckpt.pt'}" in err  # the checkpoint it resumed from is the one to go on from
+    # the checkpoint it resumed from is the one to go on from
+    assert f"--resume {out / 'ckpt.pt'}" in err
     assert ckpt_step(out / "ckpt.pt") == 2
 
 
@@ -1070,12 +1126,13 @@ def test_the_folder_of_another_run_is_kept(tmp_path, capsys):
     # --overwrite replaces it; --resume continues in the same folder
     assert run_main(flags(max_iters=4, out_dir=out, overwrite=True), capsys)[0] == 0
     assert ckpt_step(out / "ckpt.pt") == 4
-    assert run_main(["--resume", out / "ckpt.pt", "--max_iters", "6", "--out_dir", out], capsys)[0] == 0
+    assert run_main(["--resume", out / "ckpt.pt", "--max_iters", "6", "--out_dir", out],
+                    capsys)[0] == 0
     assert ckpt_step(out / "ckpt.pt") == 6
     # but another run's checkpoint may not continue into this folder
     assert run_main(flags(max_iters=2, out_dir=tmp_path / "other"), capsys)[0] == 0
-    usage_error(["--resume", tmp_path / "other" / "ckpt.pt", "--max_iters", "4", "--out_dir", out], capsys,
-                "--out_dir")
+    usage_error(["--resume", tmp_path / "other" / "ckpt.pt", "--max_iters", "4", "--out_dir", out],
+                capsys, "--out_dir")
     assert ckpt_step(out / "ckpt.pt") == 6
 
 
@@ -1111,7 +1168,8 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     good = tmp_path / "run"
     assert run_main(flags(max_iters=2, out_dir=good), capsys)[0] == 0
     before = (good / "ckpt.pt").read_bytes()
-    usage_error(flags(n_embd=64, max_iters=4, resume=good / "ckpt.pt", out_dir=good), capsys, "--n_embd 32")
+    usage_error(flags(n_embd=64, max_iters=4, resume=good / "ckpt.pt", out_dir=good), capsys,
+                "--n_embd 32")
     assert (good / "ckpt.pt").read_bytes() == before
 
 
@@ -1121,7 +1179,8 @@ def test_resume_with_data_of_another_task_is_refused(tmp_path, capsys):
     before = (run / "ckpt.pt").read_bytes()
     f = tmp_path / "g23.txt"
     nf.write_graphs(str(f), *graphs(n=40, deg=2, path_len=3, num_nodes=20))
-    usage_error(["--resume", run / "ckpt.pt", "--test_file", f, "--max_iters", "4"], capsys, "G(2,5)")
+    usage_error(["--resume", run / "ckpt.pt", "--test_file", f, "--max_iters", "4"], capsys,
+                "G(2,5)")
     assert (run / "ckpt.pt").read_bytes() == before
 
 
@@ -1141,9 +1200,11 @@ def test_learning_curves_from_results(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     example = dict(index=0, edges=[[5, 2], [2, 8], [5, 9], [9, 3]], path=[5, 2, 8], pred=[5, 9, 3])
-    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1], example=example)
+    hist = [dict(step=s, train_loss=1.0, test_exact_match=0.5, forced_token_acc=[1, .5, 1, 1, 1],
+                 example=example)
             for s in (10, 20)]
-    json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]), open(run / "results.json", "w"))
+    json.dump(dict(config=nf.asdict(nf.Config()), history=hist, final=hist[-1]),
+              open(run / "results.json", "w"))
     out = tmp_path / "fig" / "ch.png"
     code, stdout, _ = run_figures(["--curves", run, run, "--out", out], capsys)
     assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
@@ -1152,10 +1213,11 @@ def test_learning_curves_from_results(tmp_path, capsys):
 
 
 def test_panel_titles_name_the_settings_and_where_a_run_started():
-    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, resume="runs/rev/ckpt.pt",
-                    out_dir="runs/tl")
-    assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, 50,000 "
-                                        "graphs\nlr 0.001 constant, weight decay 0.1\nstarted from runs/rev")
+    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8,
+                    resume="runs/rev/ckpt.pt", out_dir="runs/tl")
+    assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, "
+                                        "50,000 graphs\nlr 0.001 constant, weight decay 0.1\n"
+                                        "started from runs/rev")
     cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
     assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), seed 2\n")
@@ -1172,7 +1234,8 @@ def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
 def test_draw_example(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    assert run_main(flags(max_iters=1, n_train=64, n_test=8, device="cpu", out_dir=run), capsys)[0] == 0
+    assert run_main(flags(max_iters=1, n_train=64, n_test=8, device="cpu", out_dir=run),
+                    capsys)[0] == 0
     out = tmp_path / "example.png"
     assert run_figures(["--example", run, "--out", out], capsys)[0] == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
@@ -1184,7 +1247,8 @@ def test_draw_example(tmp_path, capsys):
 def gpt_run(tmp_path_factory):
     """A tiny trained GPT run folder (ckpt.pt, results.json), shared by the tests below."""
     run = tmp_path_factory.mktemp("attention") / "run"
-    nf.main(flags(n_layer=2, device="cpu", out_dir=run))  # two layers: a block's input is another's output
+    # two layers: a block's input is another's output
+    nf.main(flags(n_layer=2, device="cpu", out_dir=run))
     return run
 
 
@@ -1280,15 +1344,18 @@ def test_help_lists_every_knob(capsys):
     for f in nf.fields(nf.Config):
         assert f"--{f.name}" in out
     # the script itself: bad input is one line and exit status 2
-    bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--deg" in bad.stderr and bad.stdout == ""
+    bad = subprocess.run([sys.executable, str(HERE / "nanofail.py"), "--deg", "0"],
+                         capture_output=True, text=True)
+    assert (bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--deg" in bad.stderr
+            and bad.stdout == "")
 
 # ---- notebooks, presets, torchrun
 
 
 def test_exec_in_a_notebook_kernel_runs_nothing(tmp_path):
     code = ("import sys; sys.argv = ['ipykernel_launcher', '-f', 'kernel.json']; "
-            f"exec(open({str(HERE / 'nanofail.py')!r}).read(), {{'__name__': '__main__'}}); print('ok')")
+            f"exec(open({str(HERE / 'nanofail.py')!r}).read(), {{'__name__': '__main__'}}); "
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert (out.returncode, out.stdout, out.stderr) == (0, "ok\n", "")
     assert not list(tmp_path.iterdir())
@@ -1298,7 +1365,8 @@ def test_notebook_cells_run_in_order_then_train_from_python(tmp_path, monkeypatc
     """Each `# %%` cell, run in order in a fresh namespace, only defines; a cell that used a name
     of a later cell would raise NameError here. Then one call trains and returns the model."""
     cells = re.split(r"^# %%.*$", (HERE / "nanofail.py").read_text(), flags=re.M)
-    assert len(cells) >= 8  # the docstring, imports, data, encoding, objectives, model, evaluation, ...
+    # the docstring, imports, data, encoding, objectives, model, evaluation, ...
+    assert len(cells) >= 8
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(HERE))  # the model cell imports mamba_min
     ns = {"__name__": "notebook"}
@@ -1317,13 +1385,15 @@ def test_presets_override_the_defaults_and_yield_to_flags():
     for name in nf.PRESETS:
         for model in ("gpt", "mamba"):
             cfg = nf.Config(preset=name, model=model)
-            own = nf.MAMBA_PRESETS.get(name, nf.PRESETS[name]) if model == "mamba" else nf.PRESETS[name]
+            own = (nf.MAMBA_PRESETS.get(name, nf.PRESETS[name]) if model == "mamba"
+                   else nf.PRESETS[name])
             assert all(getattr(cfg, k) == v for k, v in own.items()), (name, model)
             assert 1 + cfg.deg * (cfg.path_len - 1) <= cfg.num_nodes  # a valid task
             assert cfg.preset == name and cfg.model == model
     assert nf.Config(preset="quick", model="mamba").n_layer != nf.Config(preset="quick").n_layer
     cfg = nf.parse_config(["--preset", "g23", "--model", "mamba", "--max_iters", "7"])
-    assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)  # preset, model preset, explicit flag
+    # preset, model preset, explicit flag
+    assert (cfg.path_len, cfg.n_layer, cfg.max_iters) == (3, 2, 7)
     assert nf.parse_config(["--preset", "paper", "--n_layer", "2"]).n_layer == 2
     assert nf.Config(preset="paper", n_layer=2).n_layer == 2
 
@@ -1332,7 +1402,8 @@ def test_presets_override_the_defaults_and_yield_to_flags():
 def test_presets_mean_the_same_from_python_and_the_command_line(objective):
     for name in nf.PRESETS:
         for model in ("gpt", "mamba"):
-            cli = nf.parse_config(["--preset", name, "--model", model] + [f"--{o}" for o in objective])
+            cli = nf.parse_config(["--preset", name, "--model", model]
+                                  + [f"--{o}" for o in objective])
             assert cli == nf.Config(preset=name, model=model, **{o: True for o in objective})
     assert nf.Config(preset="g23", model="mamba", teacherless=True) == nf.parse_config(
         ["--preset", "g23", "--model", "mamba", "--teacherless"])
@@ -1340,7 +1411,8 @@ def test_presets_mean_the_same_from_python_and_the_command_line(objective):
     assert (cfg.path_len, cfg.max_iters, cfg.n_layer, cfg.teacherless) == (3, 3000, 2, True)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(),
                     reason="this torch build has no gloo backend for torchrun on the CPU")
 def test_torchrun_two_processes_follow_one_process(tmp_path):
     """torchrun --nproc_per_node 2 splits each global batch over two processes; DDP averages their
@@ -1348,14 +1420,18 @@ def test_torchrun_two_processes_follow_one_process(tmp_path):
     args = [str(HERE / "nanofail.py"), *flags(n_train=512, n_test=64, batch_size=64, max_iters=6,
                                               eval_interval=3, device="cpu")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], capture_output=True, text=True,
-                         env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
-                          "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
-    if two.returncode and "params on" not in two.stdout:  # torchrun itself did not get the processes going
-        pytest.skip(f"torchrun could not start here: {(two.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", *args, "--out_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    # torchrun itself did not get the processes going
+    if two.returncode and "params on" not in two.stdout:
+        pytest.skip("torchrun could not start here: "
+                    f"{(two.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "cpu x 2" in two.stdout and evaluations(two.stdout) == 2  # at steps 3 and 6, rank 0 alone speaks
+    # at steps 3 and 6, rank 0 alone speaks
+    assert "cpu x 2" in two.stdout and evaluations(two.stdout) == 2
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.pt", "results.json"]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
     assert a["step"] == b["step"] == 6

@@ -24,15 +24,18 @@ T0=$SECONDS
 
 if [ -z "$DRY" ]; then
   say "== machine"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
-    2>&1 | tee -a "$OUT/summary.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
+    | tee -a "$OUT/summary.txt"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.txt"
   say "== the tests on the GPU, alone (no -x) [$((SECONDS - T0)) s]"
-  NANOFAIL_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q test_nanofail.py > "$OUT/logs/tests.log" 2>&1
+  NANOFAIL_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q test_nanofail.py \
+    > "$OUT/logs/tests.log" 2>&1
   say "tests exit $?: $(tail -1 "$OUT/logs/tests.log")"
 fi
 
-say "== throughput: 100 steps, the last 25 timed; MFU = GFLOP/s / 989 TFLOP/s (bf16 dense) [$((SECONDS - T0)) s]"
+say "== throughput: 100 steps, the last 25 timed; MFU = GFLOP/s / 989 TFLOP/s (bf16 dense)" \
+  "[$((SECONDS - T0)) s]"
 for model in "g25" "paper"; do
   for mode in "eager" "compile" "cudagraphs"; do
     case $mode in eager) flags=(); limit=60 ;; compile) flags=(--compile); limit=120 ;;
@@ -41,12 +44,14 @@ for model in "g25" "paper"; do
     nf $limit --preset "$model" "${flags[@]}" --n_train 20000 --n_test 200 --max_iters 100 \
       --fresh_after 0 --eval_interval 0 --log_interval 25 > "$log" 2>&1
     rc=$?; line=$(grep 'it/s' "$log" | tail -1)
-    mfu=$(echo "$line" | sed -n 's/.* \([0-9]*\) GFLOP\/s.*/\1/p' | awk '{if ($1) printf "MFU %.1f%%", $1 / 9890}')
+    mfu=$(echo "$line" | sed -n 's/.* \([0-9]*\) GFLOP\/s.*/\1/p' \
+      | awk '{if ($1) printf "MFU %.1f%%", $1 / 9890}')
     [ -z "$DRY" ] && say "$model $mode exit $rc: $line $mfu"
   done
 done
 
-say "== teacherless G(2,5), --preset g25, seeds side by side, toward the paper's budget [$((SECONDS - T0)) s]"
+say "== teacherless G(2,5), --preset g25, seeds side by side, toward the paper's budget" \
+  "[$((SECONDS - T0)) s]"
 LEFT=$(( BUDGET - (SECONDS - T0) )); [ "$LEFT" -lt 60 ] && LEFT=60
 run() {  # name, then flags: one run in the background until LEFT seconds have passed
   local name=$1; shift
@@ -55,7 +60,9 @@ run() {  # name, then flags: one run in the background until LEFT seconds have p
 }
 # the paper's 500 epochs of the 200,000-graph pool (no new graphs: --fresh_after 0)
 PAPER_BUDGET="--fresh_after 0 --max_iters 390625 --eval_interval 2000 --log_interval 1000"
-for seed in 1337 2 3 4 5 6; do run "g25-tl-s$seed" --preset g25 --teacherless --seed "$seed" $PAPER_BUDGET; done
+for seed in 1337 2 3 4 5 6; do
+  run "g25-tl-s$seed" --preset g25 --teacherless --seed "$seed" $PAPER_BUDGET
+done
 run g25-next-s1337 --preset g25 $PAPER_BUDGET
 wait
 
