@@ -731,7 +731,8 @@ def parse_config(argv=None):
     p = Parser(description="The Pitfalls of Next-Token Prediction, on path-star graphs.",
                argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else
+                dict(type=f.type, choices=f.metadata.get("choices")))  # choices shown in -h
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} (default: {f.default})", **kind)
     given = vars(p.parse_args(argv))
     if "resume" not in given:
