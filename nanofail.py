@@ -246,7 +246,7 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     """Test graphs edges (n, E, 2), path (n, L) -> accuracy per answer position with the training
     inputs ("forced": the true prefix, or '$'), exact match of greedy decoding, and the worked
     example: the first graph the model gets wrong (graph 0 if none) and the model's answer."""
-    model.eval()
+    training, _ = model.training, model.eval()
     seq, P = encode(edges, path, num_nodes, reverse)
     seq, right = torch.from_numpy(seq).to(next(model.parameters()).device), []
     for s in seq.split(128):  # small batches bound the memory (Mamba's scan state)
@@ -259,7 +259,7 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     with amp():  # teacherless decoding is the forced pass itself; otherwise each token is fed back
         pred = (answer_logits(model, seq[k:k + 1], P, True, num_nodes).argmax(-1) if teacherless
                 else model.generate(seq[k:k + 1, :P], seq.shape[1] - P))
-    model.train()
+    model.train(training)  # back to the mode it was in
     return dict(test_exact_match=right.all(1).float().mean().item(),
                 forced_token_acc=right.float().mean(0).tolist(),
                 example=dict(index=k, edges=edges[k].tolist(), path=path[k].tolist(),
