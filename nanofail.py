@@ -117,6 +117,10 @@ def parse_graphs(text, name="input"):
 def tok(num_nodes):
     return dict(pipe=num_nodes, eq=num_nodes + 1, slash=num_nodes + 2, dollar=num_nodes + 3)
 
+def prompt_length(deg, path_len):
+    """P = 3E + 3 prompt tokens of G(deg, path_len): u v | per edge (no last |), then / s g =."""
+    return 3 * deg * (path_len - 1) + 3
+
 def encode(edges, path, num_nodes, reverse=False):
     """(n, E, 2), (n, L) -> token sequences (n, 3E + 3 + L) and the prompt length P = 3E + 3.
     With reverse=True the answer is g..s: every step is then a parent lookup, nothing to plan."""
@@ -431,6 +435,10 @@ def check_memory(n_graphs, deg, path_len):
         raise UsageError(f"{n_graphs:,} graphs of G({deg},{path_len}) need ~{need / 2**30:.0f} GiB,"
                          f" not {have / 2**30:.0f}: lower --n_train, --n_test or --max_iters")
 
+def fresh_count(cfg):
+    """How many new graphs --fresh_after draws: one per training example from that step on."""
+    return max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size if cfg.fresh_after else 0
+
 def make_splits(cfg, log=print):
     """(train, test, task): graphs generated from cfg.seed or read from the original text files, and
     what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
@@ -454,9 +462,8 @@ def make_splits(cfg, log=print):
     if 1 + deg * (L - 1) > N:
         raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
                          "--num_nodes or lower --deg/--path_len")
-    fresh = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size if cfg.fresh_after else 0
     drawn = ("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test
-    check_memory(drawn + fresh, deg, L)  # with the new graphs of --fresh_after, before step 1
+    check_memory(drawn + fresh_count(cfg), deg, L)  # with --fresh_after's graphs, before step 1
     rng_test, rng_train = map(np.random.default_rng, np.random.SeedSequence(cfg.seed).spawn(2))
     test = loaded.get("test") or make_graphs(cfg.n_test, deg, L, N, rng_test)
     train = loaded.get("train") or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
@@ -468,8 +475,7 @@ def unseen_graphs(cfg, test):
     """The graphs of the steps from --fresh_after on, one per training example left, none a test
     prompt, from a seed of their own (the third child of cfg.seed; make_splits uses two)."""
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2])
-    n = max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size
-    return fresh_graphs(n, cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
+    return fresh_graphs(fresh_count(cfg), cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
 
 def pick_device(name, threads):
     """auto: cuda, then mps, then cpu; a device this machine lacks is a usage error. On the CPU,
@@ -595,7 +601,7 @@ def setup(cfg, device, world, log):
         raise UsageError(f"--batch_size {cfg.batch_size} must split over {world} process(es) and "
                          f"not exceed the {cfg.n_train} training graphs")
     torch.manual_seed(cfg.seed)
-    block_size = 3 * cfg.deg * (cfg.path_len - 1) + 2 + cfg.path_len  # prompt and answer inputs
+    block_size = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # all inputs but the last
     model = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
     opt = make_optimizer(model, cfg, device)
     if cfg.resume:
@@ -633,7 +639,7 @@ def train_batches(cfg, step, train_set, test_set, device, log):
 def progress(step, losses, seconds, cfg, model):
     """A progress line: mean loss, lr, speed in steps and in FLOPs (6 per parameter and token,
     plus attention's 12 * n_layer * n_embd * T: the PaLM / nanoGPT estimate; no Mamba scan)."""
-    its, T = len(losses) / seconds, 3 * cfg.deg * (cfg.path_len - 1) + 2 + cfg.path_len
+    its, T = len(losses) / seconds, prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1
     n_params = sum(p.numel() for p in model.parameters())
     attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
     flops, eta = (6 * n_params + attn) * T * cfg.batch_size * its, (cfg.max_iters - step) / its / 60
@@ -670,7 +676,7 @@ def train(cfg, log=print):
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     amp = lambda: compute_context(device, autocast_dtype(cfg.dtype, device))  # noqa: E731
-    P, N, saved, window = 3 * cfg.deg * (cfg.path_len - 1) + 3, cfg.num_nodes, cfg.resume, []
+    P, N, saved, window = prompt_length(cfg.deg, cfg.path_len), cfg.num_nodes, cfg.resume, []
     t0 = t_start = time.time()
     ev = lambda: evaluate(raw, *test_set, N, cfg.reverse, cfg.teacherless, amp)  # noqa: E731
     try:

@@ -197,7 +197,7 @@ def load_gpt(run_dir):
     cfg = nf.Config(**nf.known_knobs(ckpt["config"]))
     if cfg.model != "gpt":  # a Mamba has no attention to draw
         raise nf.UsageError(f"{run_dir} is a {cfg.model} run: attention maps are for GPT runs only")
-    P = 3 * cfg.deg * (cfg.path_len - 1) + 3  # the prompt: 3 tokens an edge, then / s g =
+    P = nf.prompt_length(cfg.deg, cfg.path_len)  # the prompt: 3 tokens an edge, then / s g =
     # the sizes train() built it with: N node labels and | = / $, every position but the last
     model = nf.build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=P + cfg.path_len - 1)
     model.load_state_dict(ckpt["model"])
