@@ -444,11 +444,14 @@ def make_splits(cfg, log=print):
     what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
     loaded = {}
     for split, name in (("train", cfg.train_file), ("test", cfg.test_file)):
+        if not name:
+            continue
         try:
-            with open(name or os.devnull) as f:
-                loaded.update({split: parse_graphs(f.read(), name)} if name else {})
+            with open(name) as f:
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read {name}: {e}")
+        loaded[split] = parse_graphs(text, name)
     task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
         (E, L), *other = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}
