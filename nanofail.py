@@ -77,27 +77,28 @@ def not_path_stars(edges, path):
     """Indices of the graphs that are not a path star: s = path[:, 0] with E / (L-1) arms."""
     (n, E, _), L = edges.shape, path.shape[1]
     parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]
-    reached, follows = parent == s, parent[:, :, None] == child[:, None, :]  # (n, E), (n, E, E)
-    for _ in range(L - 2):  # the edges within L-1 steps of s, one step further a round
-        reached = reached | (follows & reached[:, None, :]).any(2)
     distinct = lambda a: (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)  # noqa: E731
-    # one parent per node (none for s); one child per node but s, which has deg
-    arms = (parent == s).sum(1) * (L - 1) == E  # the start has E / (L-1) children
-    ok = reached.all(1) & distinct(child) & ~(child == s).any(1) & arms
-    return np.flatnonzero(~ok | ~distinct(np.where(parent == s, -np.arange(1, E + 1), parent)))
+    reached = parent == s  # (n, E): the edges within k steps of s, for k = 1 .. L-1
+    for _ in range(L - 2):
+        reached = reached | ((parent[:, :, None] == child[:, None, :]) & reached[:, None, :]).any(2)
+    # one parent per node but s, which has none; one child per node but s, which has E / (L-1)
+    one_child = distinct(np.where(parent == s, -np.arange(1, E + 1), parent))
+    ok = distinct(child) & (child != s).all(1) & one_child & ((parent == s).sum(1) * (L - 1) == E)
+    return np.flatnonzero(~(ok & reached.all(1)))
+
+# a line of the text format: labels of 1-4 digits (below MAX_NODES), L >= 2 path nodes
+GRAPH = re.compile(r"(\d{1,4},\d{1,4}\|)*\d{1,4},\d{1,4}/\d{1,4},\d{1,4}=\d{1,4}(,\d{1,4})+")
 
 def parse_graphs(text, name="input"):
     """Text in the original format -> edges (n, E, 2), path (n, L). A bad line raises UsageError."""
-    # Every line must have the separators of line 1, and line 1 those of a graph: ",|" per edge but
-    # the last, ",/,=", then "," between path nodes, and numbers of 1-4 digits (labels < MAX_NODES).
     lines = text.rstrip("\n").split("\n")
-    skeletons = [re.sub(r"[0-9]+", "", ln) for ln in lines]
-    E, L = skeletons[0].count("|") + 1, skeletons[0].count(",") - skeletons[0].count("|") - 1
-    bad = [i for i, (sk, ln) in enumerate(zip(skeletons, lines)) if L < 2 or sk != ",|" * (E - 1)
-           + ",/,=" + "," * (L - 1) or re.search(r"\d{5}|(^|\D)(\D|$)", ln)]
+    shape = lambda ln: (ln.count("|"), ln.count(","))  # noqa: E731  (E - 1 and E + L: as line 1)
+    bad = [i for i, ln in enumerate(lines)
+           if not GRAPH.fullmatch(ln) or shape(ln) != shape(lines[0])]
     if bad:
         raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
                          f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
+    E = lines[0].count("|") + 1
     nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
     edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
     u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
@@ -105,9 +106,10 @@ def parse_graphs(text, name="input"):
     bad = np.flatnonzero((sg != path[:, [0, -1]]).any(1) | ~on_edges)
     if len(bad):
         raise UsageError(f"{name}:{bad[0] + 1}: the answer is no path from s to g along the edges")
-    bad = [0] if E % (L - 1) else not_path_stars(edges, path)
+    bad = [0] if E % (path.shape[1] - 1) else not_path_stars(edges, path)
     if len(bad):
-        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of {L - 1} edges)")
+        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of "
+                         f"{path.shape[1] - 1} edges)")
     return edges, path
 
 # %% encoding: tokens
@@ -130,18 +132,15 @@ def encode(edges, path, num_nodes, reverse=False):
     answer = path[:, ::-1] if reverse else path
     return np.concatenate([body, sg, answer], axis=1).astype(np.int64), 3 * E + 3
 
-def decode(seq, num_nodes):
-    """Token rows -> lines of the text format: [5, 2, |, 2, 8, /, 5, 8, =, 5, 2, 8] ->
-    '5,2|2,8/5,8=5,2,8'."""
-    symbol = {v: s for s, v in zip("|=/$", tok(num_nodes).values())}
-    rows = (" ".join(symbol.get(t, str(t)) for t in row) for row in np.asarray(seq).tolist())
-    return [re.sub(r"(?<=\d) (?=\d)", ",", r).replace(" ", "") for r in rows]
+def graph_lines(edges, path):
+    """edges (n, E, 2), path (n, L) -> the graphs as lines of the original text format."""
+    return ["|".join(f"{u},{v}" for u, v in e) + f"/{p[0]},{p[-1]}=" + ",".join(map(str, p))
+            for e, p in zip(edges.tolist(), path.tolist())]
 
 def write_graphs(filename, edges, path):
-    """The original repository's format, one graph a line, written atomically."""
-    num_nodes = int(edges.max()) + 1
+    """One graph a line, to a .tmp file then renamed: a crash never leaves half a file."""
     with open(filename + ".tmp", "w") as f:
-        f.write("\n".join(decode(encode(edges, path, num_nodes)[0], num_nodes)) + "\n")
+        f.write("\n".join(graph_lines(edges, path)) + "\n")
     os.replace(filename + ".tmp", filename)
 
 # %% objectives: next-token, reverse, teacherless
@@ -306,8 +305,7 @@ def report(r, cfg, log=print):
     log(row("position", position_names(cfg.path_len, cfg.reverse)))
     log(row("forced", [f"{x:.3f}" for x in r["forced_token_acc"]]) +
         f"   exact match {r['test_exact_match']:.3f}\n  -> {verdict(r, cfg)}")
-    graph = decode(encode(np.array([ex["edges"]]), np.array([ex["path"]]), cfg.num_nodes)[0],
-                   cfg.num_nodes)[0]
+    graph = graph_lines(np.array([ex["edges"]]), np.array([ex["path"]]))[0]
     log(f"  example   {graph}   (test graph {ex['index']})\n" + row("true", ex["path"][::-1]
         if cfg.reverse else ex["path"]) + "\n" + row("model", ex["pred"]) + "   " +
         explain(ex["edges"], ex["path"], ex["pred"], cfg.reverse))

@@ -108,8 +108,7 @@ def draw_example(run_dir, out_path):
     ex = hist[-1]["example"]  # a dict with the model's answer, or (older runs) a text line
     pred = ex["pred"] if isinstance(ex, dict) else hist[-1]["example_pred"]
     edges, path = (a[0].tolist() for a in worked_example(run_dir))
-    graph = nf.decode(nf.encode(np.array([edges]), np.array([path]), cfg.num_nodes)[0],
-                      cfg.num_nodes)[0]
+    graph = nf.graph_lines(np.array([edges]), np.array([path]))[0]
     child, s, g = dict(edges), path[0], path[-1]
     pos = {s: (0, 0)}
     for row, node in enumerate(v for u, v in edges if u == s):  # walk each arm out from s
