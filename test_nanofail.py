@@ -1210,6 +1210,24 @@ def test_learning_curves_from_results(tmp_path, capsys):
     assert code == 2 and "results.json" in err and len(err.strip().splitlines()) == 1
 
 
+def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
+    runs = []
+    for seed, exacts in ((1, (0.5, 0.96, 0.99)), (2, (0.5, 0.6, 0.94))):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        hist = [dict(step=10 * (i + 1), train_loss=1.0, test_exact_match=x,
+                     forced_token_acc=[1, x, 1, 1, 1]) for i, x in enumerate(exacts)]
+        json.dump(dict(config=nf.asdict(nf.Config(seed=seed, teacherless=True)), history=hist,
+                       final=hist[-1]), open(run / "results.json", "w"))
+        runs.append(run)
+    code, out, _ = run_figures(["--odds", *runs], capsys)
+    rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith(f"| {tmp_path}")]
+    assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no"]  # first step at >= 0.95
+    assert [r[1].strip() for r in rows] == ["1", "2"] and "1 of 2" in out
+    code, _, err = run_figures(["--curves", runs[0]], capsys)  # a figure still needs --out
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
 def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8,
                     resume="runs/rev/ckpt.pt", out_dir="runs/tl")

@@ -5,6 +5,7 @@ The README's figures, made from the results.json that `python nanofail.py --out_
     python assets/figures.py --curves runs/fig-gpt-next runs/fig-gpt-reverse ... \\
         --out assets/clever_hans.png
     python assets/figures.py --attention runs/attn-demo runs/attn-g23-tl --out assets/attention.png
+    python assets/figures.py --odds assets/runs/g23-tl-s*      # a table: k of n runs reached 0.95
 
 --example draws the worked example of a run's last evaluation: the test graph, the true path and the
 model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. --attention
@@ -316,6 +317,25 @@ def plot_attention(run_dirs, out_path):
     save(fig, out_path)
 
 
+def odds_table(run_dirs, target=0.95):
+    """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
+    run its seed, objective, last evaluation and the first step at which exact match reached
+    `target`; then how many did. Markdown lines."""
+    lines = ["| run | seed | objective | last step | exact match | forced s ... g | reached "
+             f"{target} at step |", "|---|---|---|---|---|---|---|"]
+    passed = []
+    for run_dir in run_dirs:
+        cfg, hist = read_results(run_dir)
+        at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
+        passed.append(at is not None)
+        objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+        last = hist[-1]
+        forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
+        lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
+                     f"{last['test_exact_match']:.3f} | {forced} | {at or 'no'} |")
+    return lines + [f"\n{sum(passed)} of {len(passed)} runs reached {target}"]
+
+
 def main(argv=None):
     p = nf.Parser(description="The README's figures, from runs' results.json.")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR",
@@ -324,14 +344,20 @@ def main(argv=None):
                    help="the worked example of this run's last evaluation")
     p.add_argument("--attention", nargs="+", metavar="RUN_DIR",
                    help="what the answer positions of these GPT runs attend to, side by side")
-    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--odds", nargs="+", metavar="RUN_DIR",
+                   help="print how many of these runs reached exact match 0.95, and when")
+    p.add_argument("--out", help="the PNG to write")
     args = p.parse_args(argv)
     with nf.reported():
+        if args.odds:  # a table, not a figure: printed
+            return print("\n".join(odds_table(args.odds)))
+        if not args.out:
+            raise nf.UsageError("--out FILE.png is needed for a figure")
         modes = [(f, a) for f, a in ((plot_curves, args.curves), (draw_example, args.example),
                                      (plot_attention, args.attention)) if a]
         if len(modes) != 1:  # one figure per call: each writes its own --out
-            raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR or "
-                                "--attention RUN_DIR ...")
+            raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR, "
+                                "--attention RUN_DIR ... or --odds RUN_DIR ...")
         (draw, run_dirs), = modes
         draw(run_dirs, args.out)
 
