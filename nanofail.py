@@ -112,6 +112,15 @@ def parse_graphs(text, name="input"):
                          f"{path.shape[1] - 1} edges)")
     return edges, path
 
+def read_graphs(name):
+    """A file in the original text format -> edges (n, E, 2), path (n, L)."""
+    try:
+        with open(name) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {name}: {e}")
+    return parse_graphs(text, name)
+
 # %% encoding: tokens
 # Tokens: node labels 0..N-1, then '|' = N, '=' = N+1, '/' = N+2, '$' = N+3 (commas are dropped).
 # One graph is u v | u v | ... | u v / s g = followed by the answer: 3E + 3 prompt tokens, then L.
@@ -440,16 +449,8 @@ def fresh_count(cfg):
 def make_splits(cfg, log=print):
     """(train, test, task): graphs generated from cfg.seed or read from the original text files, and
     what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
-    loaded = {}
-    for split, name in (("train", cfg.train_file), ("test", cfg.test_file)):
-        if not name:
-            continue
-        try:
-            with open(name) as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read {name}: {e}")
-        loaded[split] = parse_graphs(text, name)
+    files = (("train", cfg.train_file), ("test", cfg.test_file))
+    loaded = {split: read_graphs(name) for split, name in files if name}
     task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
         (E, L), *other = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}
