@@ -1220,10 +1220,11 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
         json.dump(dict(config=nf.asdict(nf.Config(seed=seed, teacherless=True)), history=hist,
                        final=hist[-1]), open(run / "results.json", "w"))
         runs.append(run)
-    code, out, _ = run_figures(["--odds", *runs], capsys)
+    (tmp_path / "empty").mkdir()  # a run that wrote nothing yet: a row, not a failure
+    code, out, _ = run_figures(["--odds", *runs, tmp_path / "empty"], capsys)
     rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith(f"| {tmp_path}")]
-    assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no"]  # first step at >= 0.95
-    assert [r[1].strip() for r in rows] == ["1", "2"] and "1 of 2" in out
+    assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no", ""]  # first step >= 0.95
+    assert [r[1].strip() for r in rows] == ["1", "2", ""] and "teacherless: 1 of 2" in out
     code, _, err = run_figures(["--curves", runs[0]], capsys)  # a figure still needs --out
     assert code == 2 and len(err.strip().splitlines()) == 1
 

@@ -78,20 +78,7 @@ PY
   status=$?; rm -rf "$OUT"; exit $status
 fi
 cat "$OUT/logs/exits.txt" >> "$OUT/summary.txt"
-for d in "$OUT"/runs/*/; do
-  python3 - "$d" <<'PY' | tee -a "$OUT/summary.txt"
-import json, os, sys
-d = sys.argv[1].rstrip("/")
-try:
-    r = json.load(open(os.path.join(d, "results.json")))
-except Exception as e:
-    sys.exit(print(f"{os.path.basename(d)}: no results ({type(e).__name__})"))
-h = r["history"]
-won = next((e["step"] for e in h if e["test_exact_match"] >= 0.95), None)
-print(f"{os.path.basename(d)}: step {h[-1]['step']} exact {h[-1]['test_exact_match']:.3f} forced "
-      + " ".join(f"{a:.2f}" for a in h[-1]["forced_token_acc"]) + f" | passed 0.95 at step {won}")
-PY
-done
+python3 assets/figures.py --odds "$OUT"/runs/*/ | tee -a "$OUT/summary.txt"  # k of n reached 0.95
 find "$OUT/runs" -name 'ckpt.pt*' -delete
 tar czf "$OUT/gpu.tgz" -C "$OUT" logs runs && rm -rf "$OUT/logs" "$OUT/runs"
 say "== done in $((SECONDS - T0)) s"

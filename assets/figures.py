@@ -320,20 +320,25 @@ def plot_attention(run_dirs, out_path):
 def odds_table(run_dirs, target=0.95):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
-    `target`; then how many did. Markdown lines."""
+    `target`; then, per objective, how many runs did. Markdown lines."""
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | reached "
              f"{target} at step |", "|---|---|---|---|---|---|---|"]
-    passed = []
+    passed = {}  # objective -> [reached target?] per run
     for run_dir in run_dirs:
-        cfg, hist = read_results(run_dir)
+        try:
+            cfg, hist = read_results(run_dir)
+        except nf.UsageError as e:  # a run that wrote nothing yet is a row, not the end
+            lines.append(f"| {run_dir} | | | | | {e} | |")
+            continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
-        passed.append(at is not None)
         objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+        passed.setdefault(objective, []).append(at is not None)
         last = hist[-1]
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
                      f"{last['test_exact_match']:.3f} | {forced} | {at or 'no'} |")
-    return lines + [f"\n{sum(passed)} of {len(passed)} runs reached {target}"]
+    return lines + [""] + [f"{objective}: {sum(p)} of {len(p)} runs reached {target}"
+                           for objective, p in passed.items()]
 
 
 def main(argv=None):
