@@ -1225,6 +1225,7 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
     rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith(f"| {tmp_path}")]
     assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no", ""]  # first step >= 0.95
     assert [r[1].strip() for r in rows] == ["1", "2", ""] and "teacherless: 1 of 2" in out
+    assert [r[-2].strip() for r in rows] == ["20 10 10", "30 10 10", ""]  # n1 n2 n3 reach 0.9
     code, _, err = run_figures(["--curves", runs[0]], capsys)  # a figure still needs --out
     assert code == 2 and len(err.strip().splitlines()) == 1
 

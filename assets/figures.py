@@ -321,22 +321,25 @@ def odds_table(run_dirs, target=0.95):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
     `target`; then, per objective, how many runs did. Markdown lines."""
-    lines = ["| run | seed | objective | last step | exact match | forced s ... g | reached "
-             f"{target} at step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
+             f"from step (n1 ...) | reached {target} at step |", "|---|---|---|---|---|---|---|---|"]
     passed = {}  # objective -> [reached target?] per run
     for run_dir in run_dirs:
         try:
             cfg, hist = read_results(run_dir)
         except nf.UsageError as e:  # a run that wrote nothing yet is a row, not the end
-            lines.append(f"| {run_dir} | | | | | {e} | |")
+            lines.append(f"| {run_dir} | | | | | {e} | | |")
             continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
         objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
         passed.setdefault(objective, []).append(at is not None)
         last = hist[-1]
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
+        # the plan's links: the first evaluation where each inner position is right 9 times in 10
+        links = " ".join(str(next((h["step"] for h in hist if h["forced_token_acc"][i] >= 0.9),
+                                  "-")) for i in range(1, cfg.path_len - 1))
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
-                     f"{last['test_exact_match']:.3f} | {forced} | {at or 'no'} |")
+                     f"{last['test_exact_match']:.3f} | {forced} | {links} | {at or 'no'} |")
     return lines + [""] + [f"{objective}: {sum(p)} of {len(p)} runs reached {target}"
                            for objective, p in passed.items()]
 
