@@ -454,14 +454,14 @@ def make_splits(cfg, log=print):
     task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
         (E, L), *other = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}
-        labels = 1 + max(int(e.max()) for e, _ in loaded.values())
+        labels = 1 + max(int(e.max()) for e, _ in loaded.values())  # N: every label seen
         task, given = dict(deg=E // (L - 1), path_len=L, num_nodes=max(labels, 1 + E)), task
         if other:
             raise UsageError("--train_file and --test_file hold graphs of different sizes")
         if task != given:  # the data wins: say so
             log("note: the data sets the task: " + " ".join(f"--{k} {v}" for k, v in task.items()))
     deg, L, N = task.values()
-    if 1 + deg * (L - 1) > N:
+    if 1 + deg * (L - 1) > N:  # a graph needs 1 + E distinct labels
         raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
                          "--num_nodes or lower --deg/--path_len")
     drawn = ("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test
@@ -516,7 +516,7 @@ def compute_context(device, dtype):
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
     if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
+        return cfg.lr * (step + 1) / cfg.warmup_iters  # no large steps from random weights
     frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -538,11 +538,11 @@ def batches(n, batch_size, gen):
 def distributed(device):
     """Under torchrun (RANK set): join the process group, one GPU per process (nccl), or gloo on
     the CPU. Returns (rank, world_size, device); without torchrun (0, 1, device)."""
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # not started by torchrun: one process
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before any CUDA work: nccl needs it
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -559,7 +559,7 @@ def claim_folder(path, files, flag, overwrite, resumed=""):
     replace another run's files there unless --overwrite (resumed: the ckpt.pt continued)."""
     try:
         os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        tempfile.TemporaryFile(dir=path).close()  # a write test, before any training
     except OSError as e:
         raise UsageError(f"cannot write to {path} for --{flag} ({e.strerror}): pass another folder")
     taken = [f for f in files if os.path.exists(os.path.join(path, f))]
@@ -580,7 +580,7 @@ def save_run(cfg, model, opt, step, history):
         path = os.path.join(cfg.out_dir, name)
         with open(path + ".tmp", "w" if name.endswith("json") else "wb") as f:
             json.dump(obj, f, indent=1) if name.endswith("json") else torch.save(obj, f)
-        os.replace(path + ".tmp", path)
+        os.replace(path + ".tmp", path)  # atomic: the old file or the new one
     return path
 
 # %% training: the loop
@@ -598,18 +598,18 @@ def setup(cfg, device, world, log):
             raise UsageError(f"the checkpoint learned G({old[0]},{old[1]}) on {old[2]} labels, not "
                              f"G({task['deg']},{task['path_len']}): pass data of its task")
         task["num_nodes"] = old[2]
-    cfg = replace(cfg, **task)
+    cfg = replace(cfg, **task)  # a copy with the data's task: the caller's cfg is untouched
     if cfg.batch_size % world or cfg.batch_size > cfg.n_train:
         raise UsageError(f"--batch_size {cfg.batch_size} must split over {world} process(es) and "
                          f"not exceed the {cfg.n_train} training graphs")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same seed, the same initial weights
     block_size = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # all inputs but the last
     model = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
     opt = make_optimizer(model, cfg, device)
     if cfg.resume:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # the trained weights
         opt.load_state_dict(ckpt["optimizer"])  # the saved moments; flags given win for the rest
-        opt.param_groups[0]["weight_decay"] = cfg.weight_decay
+        opt.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0: the matrices
         for g in opt.param_groups:
             g["betas"] = (0.9, cfg.beta2)
         done = ckpt["step"] >= cfg.max_iters
@@ -633,7 +633,7 @@ def train_batches(cfg, step, train_set, test_set, device, log):
             log(f"step {step}: from here on {len(seq)} new graphs, each seen once")
         gen = torch.Generator(device).manual_seed(cfg.seed + step)
         for idx in batches(len(seq), cfg.batch_size, gen):
-            yield seq[idx]
+            yield seq[idx]  # (B, P+L) token rows, on the device
             step += 1
             if step == cfg.fresh_after:
                 break
