@@ -46,7 +46,7 @@ def make_graphs(n, deg, path_len, num_nodes, rng):
     random order, and path (n, path_len) = s, n1, ..., g along a random arm."""
     # the first k labels of a random permutation per graph, in blocks that bound the memory (the
     # blocks draw the numbers of one big call: one seed, one data set)
-    k, rows = 1 + deg * (path_len - 1), max(1, 2**22 // num_nodes)
+    k, rows = 1 + deg * (path_len - 1), max(1, 2**22 // num_nodes)  # labels; rows a block
     labels = np.concatenate([rng.random((min(rows, n - i), num_nodes), dtype=np.float32)
                              .argsort(axis=1)[:, :k] for i in range(0, max(n, 1), rows)])
     start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, path_len - 1)  # (n,1), (n,deg,L-1)
@@ -75,7 +75,7 @@ def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid):
 
 def not_path_stars(edges, path):
     """Indices of the graphs that are not a path star: s = path[:, 0] with E / (L-1) arms."""
-    (n, E, _), L = edges.shape, path.shape[1]
+    (n, E, _), L = edges.shape, path.shape[1]  # E edges, L path nodes
     parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]
     distinct = lambda a: (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)  # noqa: E731
     reached = parent == s  # (n, E): the edges within k steps of s, for k = 1 .. L-1
@@ -98,7 +98,7 @@ def parse_graphs(text, name="input"):
     if bad:
         raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
                          f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
-    E = lines[0].count("|") + 1
+    E = lines[0].count("|") + 1  # edges per graph: one more than the |s
     nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
     edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
     u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
@@ -138,7 +138,7 @@ def encode(edges, path, num_nodes, reverse=False):
     (n, E, _), t = edges.shape, tok(num_nodes)
     body = np.concatenate([edges, np.full((n, E, 1), t["pipe"])], axis=2).reshape(n, -1)[:, :-1]
     sg = np.stack([np.full(n, t["slash"]), path[:, 0], path[:, -1], np.full(n, t["eq"])], axis=1)
-    answer = path[:, ::-1] if reverse else path
+    answer = path[:, ::-1] if reverse else path  # the targets: s..g, or g..s
     return np.concatenate([body, sg, answer], axis=1).astype(np.int64), 3 * E + 3
 
 def graph_lines(edges, path):
@@ -164,19 +164,19 @@ def write_graphs(filename, edges, path):
 def make_inputs(seq, prompt_len, teacherless, num_nodes):
     """seq (B, P+L) -> model input x (B, P+L-1). Position P-1 ('=') predicts the first answer
     token, position P+i the answer token i+1."""
-    x = seq[:, :-1]
+    x = seq[:, :-1]  # the last token is only a target
     if teacherless:
         # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup, and n1 is left
         # to be learned alone, without help from later tokens (the Clever-Hans cheat, paper Sec. 4).
         # With '$' in place of every answer input there is nothing to copy: the model must plan the
         # whole path from the prompt (teacherless training, paper Sec. 5).
-        x = x.clone()
+        x = x.clone()  # seq keeps the true answer: the targets
         x[:, prompt_len:] = tok(num_nodes)["dollar"]
     return x
 
 def answer_logits(model, seq, prompt_len, teacherless, num_nodes):
     """Logits of the L answer positions (B, L, vocab), with the objective's inputs."""
-    x = make_inputs(seq, prompt_len, teacherless, num_nodes)
+    x = make_inputs(seq, prompt_len, teacherless, num_nodes)  # (B, P+L-1)
     return model(x, n_out=seq.shape[1] - prompt_len).float()
 
 def answer_loss(model, seq, prompt_len, teacherless, num_nodes):
@@ -192,8 +192,8 @@ class Block(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # queries, keys, values at once
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)  # the heads, mixed back
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=False), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd, bias=False))
 
@@ -207,7 +207,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         """x (B, T, C) -> (B, T, C)"""
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x))  # residual: each block adds to the stream
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
@@ -217,7 +217,7 @@ class GPT(nn.Module):
             raise UsageError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.ln_f = nn.LayerNorm(n_embd)  # pre-LN blocks leave the last norm to here
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
@@ -258,8 +258,8 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     """Test graphs edges (n, E, 2), path (n, L) -> accuracy per answer position with the training
     inputs ("forced": the true prefix, or '$'), exact match of greedy decoding, and the worked
     example: the first graph the model gets wrong (graph 0 if none) and the model's answer."""
-    training, _ = model.training, model.eval()
-    seq, P = encode(edges, path, num_nodes, reverse)
+    training, _ = model.training, model.eval()  # the mode it came in, restored below
+    seq, P = encode(edges, path, num_nodes, reverse)  # (n, P+L), P
     seq, right = torch.from_numpy(seq).to(next(model.parameters()).device), []
     for s in seq.split(128):  # small batches bound the memory (Mamba's scan state)
         with amp():
@@ -285,7 +285,7 @@ def explain(edges, path, pred, reverse=False):
     if not wrong:
         return "right"
     step = dict((v, u) if reverse else (u, v) for u, v in edges)  # the next node: child, or parent
-    i, rest = wrong[0], " ".join(names[j] for j in wrong[1:])
+    i, rest = wrong[0], " ".join(names[j] for j in wrong[1:])  # the first slip, the others
     follows = rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:])
     arm = not reverse and i == 1 and [path[0], pred[1]] in edges  # a child of s, not n1
     return ("wrong arm at n1" if arm else f"wrong at {names[i]}") + (
@@ -403,7 +403,7 @@ class Config:
     def __init__(self, preset="quick", **given):
         # The defaults above, then the preset's values for this model, then the values given: so
         # Config(preset="g23", teacherless=True) is the run of --preset g23 --teacherless.
-        unknown = set(given) - {f.name for f in fields(self)}
+        unknown = set(given) - {f.name for f in fields(self)}  # a typo is an error, not a no-op
         if unknown:
             raise UsageError(f"unknown knob {min(unknown)}: see python nanofail.py -h")
         check({f.name: f for f in fields(self)}["preset"], preset)
@@ -411,7 +411,7 @@ class Config:
         defaults = {f.name: f.default for f in fields(self)}
         for k, v in {**defaults, **mine.get(preset, PRESETS[preset]), **given}.items():
             setattr(self, k, v)
-        self.preset = preset
+        self.preset = preset  # the name, for results.json and resume
         for f in fields(self):  # what the command line checks, from Python too
             check(f, getattr(self, f.name))
 
@@ -449,7 +449,7 @@ def fresh_count(cfg):
 def make_splits(cfg, log=print):
     """(train, test, task): graphs generated from cfg.seed or read from the original text files, and
     what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
-    files = (("train", cfg.train_file), ("test", cfg.test_file))
+    files = (("train", cfg.train_file), ("test", cfg.test_file))  # either, both, or none
     loaded = {split: read_graphs(name) for split, name in files if name}
     task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
@@ -460,7 +460,7 @@ def make_splits(cfg, log=print):
             raise UsageError("--train_file and --test_file hold graphs of different sizes")
         if task != given:  # the data wins: say so
             log("note: the data sets the task: " + " ".join(f"--{k} {v}" for k, v in task.items()))
-    deg, L, N = task.values()
+    deg, L, N = task.values()  # from here on the task is what the data says
     if 1 + deg * (L - 1) > N:  # a graph needs 1 + E distinct labels
         raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
                          "--num_nodes or lower --deg/--path_len")
@@ -533,7 +533,7 @@ def batches(n, batch_size, gen):
     lives (on a GPU: no host sync)."""
     while True:
         yield from torch.randperm(n, generator=gen, device=gen.device)[:n - n % batch_size].view(
-            -1, batch_size)
+            -1, batch_size)  # (n // B, B): the last, partial batch is dropped
 
 def distributed(device):
     """Under torchrun (RANK set): join the process group, one GPU per process (nccl), or gloo on
@@ -541,7 +541,7 @@ def distributed(device):
     if "RANK" not in os.environ:  # not started by torchrun: one process
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU a process
         torch.cuda.set_device(device)  # before any CUDA work: nccl needs it
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
@@ -558,7 +558,7 @@ def claim_folder(path, files, flag, overwrite, resumed=""):
     """Make the folder and check now, not at the first save, that it can be written; refuse to
     replace another run's files there unless --overwrite (resumed: the ckpt.pt continued)."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, exist_ok=True)  # parents too; an existing folder is fine
         tempfile.TemporaryFile(dir=path).close()  # a write test, before any training
     except OSError as e:
         raise UsageError(f"cannot write to {path} for --{flag} ({e.strerror}): pass another folder")
@@ -597,7 +597,7 @@ def setup(cfg, device, world, log):
         if old[:2] != [task["deg"], task["path_len"]] or task["num_nodes"] > old[2]:
             raise UsageError(f"the checkpoint learned G({old[0]},{old[1]}) on {old[2]} labels, not "
                              f"G({task['deg']},{task['path_len']}): pass data of its task")
-        task["num_nodes"] = old[2]
+        task["num_nodes"] = old[2]  # fewer labels in the data: the same vocabulary
     cfg = replace(cfg, **task)  # a copy with the data's task: the caller's cfg is untouched
     if cfg.batch_size % world or cfg.batch_size > cfg.n_train:
         raise UsageError(f"--batch_size {cfg.batch_size} must split over {world} process(es) and "
@@ -611,7 +611,7 @@ def setup(cfg, device, world, log):
         opt.load_state_dict(ckpt["optimizer"])  # the saved moments; flags given win for the rest
         opt.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0: the matrices
         for g in opt.param_groups:
-            g["betas"] = (0.9, cfg.beta2)
+            g["betas"] = (0.9, cfg.beta2)  # in every group: decayed or not
         done = ckpt["step"] >= cfg.max_iters
         log(f"resumed from {cfg.resume} at step {ckpt['step']}" + (
             f"; nothing to train (--max_iters {cfg.max_iters}): one evaluation" if done else ""))
@@ -626,7 +626,7 @@ def train_batches(cfg, step, train_set, test_set, device, log):
     graphs, each seen once. Each set's batches are drawn from the seed of the step it starts at,
     so a run resumed at the switch draws the batches of one run that passes through it."""
     while True:
-        fresh = 0 < cfg.fresh_after <= step
+        fresh = 0 < cfg.fresh_after <= step  # past the switch: new graphs
         graphs = unseen_graphs(cfg, test_set) if fresh else train_set
         seq = torch.from_numpy(encode(*graphs, cfg.num_nodes, cfg.reverse)[0]).to(device)
         if fresh and step == cfg.fresh_after:  # the pool has done its work: new graphs from here
@@ -642,7 +642,7 @@ def progress(step, losses, seconds, cfg, model):
     """A progress line: mean loss, lr, speed in steps and in FLOPs (6 per parameter and token,
     plus attention's 12 * n_layer * n_embd * T: the PaLM / nanoGPT estimate; no Mamba scan)."""
     its, T = len(losses) / seconds, prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
     attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
     flops, eta = (6 * n_params + attn) * T * cfg.batch_size * its, (cfg.max_iters - step) / its / 60
     return (f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
@@ -660,7 +660,7 @@ def finite(window, step, cfg, saved):
     """The losses of the steps since the last log line, stacked; a nan or inf stops the run."""
     losses = torch.stack(window)
     if not torch.isfinite(losses).all():
-        j = int((~torch.isfinite(losses)).nonzero()[0])
+        j = int((~torch.isfinite(losses)).nonzero()[0])  # the first bad step in the window
         at = step - len(window) + 1 + j
         raise Stopped(f"the loss is {losses[j].item()} at step {at}: training diverged; lower --lr "
                       f"(now {cfg.lr:g}). {resume_hint(saved, cfg)}")
@@ -675,7 +675,7 @@ def train(cfg, log=print):
     data, start = train_batches(cfg, step, train_set, test_set, device, log), step
     model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw  # evaluation: raw
     if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [device.index] if device.type == "cuda" else None  # CPU processes: no ids
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     amp = lambda: compute_context(device, autocast_dtype(cfg.dtype, device))  # noqa: E731
     P, N, saved, window = prompt_length(cfg.deg, cfg.path_len), cfg.num_nodes, cfg.resume, []
@@ -686,13 +686,13 @@ def train(cfg, log=print):
             # fetch: this process's slice of the global batch, and this step's lr
             seq = next(data).chunk(world)[rank]  # (B / world, P+L)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg)  # warmup, then cosine or constant
             if cfg.compile and cfg.compile_mode == "reduce-overhead":  # a new CUDA-graph replay
                 torch.compiler.cudagraph_mark_step_begin()
             # forward, backward, clip, step
             with amp():
                 loss = answer_loss(model, seq, P, cfg.teacherless, N)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # no stale gradients from the last step
             loss.backward()
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -701,12 +701,12 @@ def train(cfg, log=print):
             window.append(loss.detach())  # stays on the device: a GPU is not synced every step
             # check and log: stop at the first nan or inf loss (on a GPU, at each log line)
             do_eval = step == cfg.max_iters or (cfg.eval_interval and step % cfg.eval_interval == 0)
-            do_log = step % cfg.log_interval == 0 or do_eval
+            do_log = step % cfg.log_interval == 0 or do_eval  # an evaluation logs too
             if device.type != "cuda" or do_log:
                 losses = finite(window, step, cfg, saved)
             if do_log and world > 1:  # the mean over the processes
                 dist.all_reduce(losses)
-                losses /= world
+                losses /= world  # all_reduce sums
             if do_log:
                 log(progress(step, losses, time.time() - t0, cfg, raw))
             # evaluate and save
@@ -723,7 +723,7 @@ def train(cfg, log=print):
         report(dict(step=step, **ev()), cfg, log)
     log(f"done in {(time.time() - t_start) / 60:.1f} min")
     if world > 1:  # every rank gets here before any leaves: a clean shutdown
-        dist.barrier()
+        dist.barrier()  # the others wait here for rank 0
         dist.destroy_process_group()
     return raw, history
 
@@ -737,12 +737,12 @@ def parse_config(argv=None):
     """Flags -> Config: the flags given, over the preset (or, with --resume, over the checkpoint's
     settings). A resume that changes the model or the task is refused."""
     p = Parser(description="The Pitfalls of Next-Token Prediction, on path-star graphs.",
-               argument_default=argparse.SUPPRESS)
+               argument_default=argparse.SUPPRESS)  # flags not given stay out of `given`
     for f in fields(Config):
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else
                 dict(type=f.type, choices=f.metadata.get("choices")))  # choices shown in -h
         p.add_argument(f"--{f.name}", help=f"{f.metadata['help']} (default: {f.default})", **kind)
-    given = vars(p.parse_args(argv))
+    given = vars(p.parse_args(argv))  # only the flags given: they win over preset and ckpt
     if "resume" not in given:
         return Config(**given)
     saved = known_knobs(load_checkpoint(given["resume"])["config"])
