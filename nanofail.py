@@ -78,9 +78,10 @@ def not_path_stars(edges, path):
     (n, E, _), L = edges.shape, path.shape[1]  # E edges, L path nodes
     parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]
     distinct = lambda a: (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)  # noqa: E731
+    follows = parent[:, :, None] == child[:, None, :]  # (n, E, E): edge i leaves where j ends
     reached = parent == s  # (n, E): the edges within k steps of s, for k = 1 .. L-1
     for _ in range(L - 2):
-        reached = reached | ((parent[:, :, None] == child[:, None, :]) & reached[:, None, :]).any(2)
+        reached = reached | (follows & reached[:, None, :]).any(2)
     # one parent per node but s, which has none; one child per node but s, which has E / (L-1)
     one_child = distinct(np.where(parent == s, -np.arange(1, E + 1), parent))
     ok = distinct(child) & (child != s).all(1) & one_child & ((parent == s).sum(1) * (L - 1) == E)
@@ -98,7 +99,7 @@ def parse_graphs(text, name="input"):
     if bad:
         raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
                          f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
-    E = lines[0].count("|") + 1  # edges per graph: one more than the |s
+    E, L = lines[0].count("|") + 1, lines[0].count(",") - lines[0].count("|") - 1  # see shape
     nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
     edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
     u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
@@ -106,10 +107,9 @@ def parse_graphs(text, name="input"):
     bad = np.flatnonzero((sg != path[:, [0, -1]]).any(1) | ~on_edges)
     if len(bad):
         raise UsageError(f"{name}:{bad[0] + 1}: the answer is no path from s to g along the edges")
-    bad = [0] if E % (path.shape[1] - 1) else not_path_stars(edges, path)
+    bad = [0] if E % (L - 1) else not_path_stars(edges, path)
     if len(bad):
-        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of "
-                         f"{path.shape[1] - 1} edges)")
+        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of {L - 1} edges)")
     return edges, path
 
 def read_graphs(name):
@@ -248,6 +248,10 @@ def build_model(cfg, vocab_size, block_size):
     return GPT(vocab_size, block_size, cfg.n_layer, cfg.n_embd, cfg.n_head)
 
 # %% evaluation: forced accuracy, exact match, the worked example, the verdict
+
+def objective_name(cfg):
+    """teacherless, reverse or next-token: which of the three objectives cfg trains."""
+    return "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
 
 def position_names(path_len, reverse=False):
     names = ["s"] + [f"n{i}" for i in range(1, path_len - 1)] + ["g"]
@@ -615,10 +619,9 @@ def setup(cfg, device, world, log):
         done = ckpt["step"] >= cfg.max_iters
         log(f"resumed from {cfg.resume} at step {ckpt['step']}" + (
             f"; nothing to train (--max_iters {cfg.max_iters}): one evaluation" if done else ""))
-    objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
     log(f"{cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} x "
         f"{world} | G({cfg.deg},{cfg.path_len}) N={cfg.num_nodes} | {cfg.n_train} train / "
-        f"{cfg.n_test} test graphs | {objective}")
+        f"{cfg.n_test} test graphs | {objective_name(cfg)}")
     return cfg, train_set, test_set, model, opt, ckpt["step"], ckpt["history"]
 
 def train_batches(cfg, step, train_set, test_set, device, log):

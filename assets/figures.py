@@ -54,7 +54,7 @@ def save(fig, out_path):
 
 def panel_title(cfg):
     """The run's model, objective and task, and the settings that shape its curve."""
-    objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+    objective = nf.objective_name(cfg)
     # heads and seed are named only where they differ from it
     preset = nf.Config(preset=cfg.preset, model=cfg.model)
     heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
@@ -322,7 +322,7 @@ def odds_table(run_dirs, target=0.95):
     run its seed, objective, last evaluation and the first step at which exact match reached
     `target`; then, per objective, how many runs did. Markdown lines."""
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
-             f"from step (n1 ...) | reached {target} at step |", "|---|---|---|---|---|---|---|---|"]
+             f"from step (n1 ...) | reached {target} at step |", "|---" * 8 + "|"]
     passed = {}  # objective -> [reached target?] per run
     for run_dir in run_dirs:
         try:
@@ -331,7 +331,7 @@ def odds_table(run_dirs, target=0.95):
             lines.append(f"| {run_dir} | | | | | {e} | | |")
             continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
-        objective = "teacherless" if cfg.teacherless else "reverse" if cfg.reverse else "next-token"
+        objective = nf.objective_name(cfg)
         passed.setdefault(objective, []).append(at is not None)
         last = hist[-1]
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
