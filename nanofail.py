@@ -139,7 +139,8 @@ def encode(edges, path, num_nodes, reverse=False):
     body = np.concatenate([edges, np.full((n, E, 1), t["pipe"])], axis=2).reshape(n, -1)[:, :-1]
     sg = np.stack([np.full(n, t["slash"]), path[:, 0], path[:, -1], np.full(n, t["eq"])], axis=1)
     answer = path[:, ::-1] if reverse else path  # the targets: s..g, or g..s
-    return np.concatenate([body, sg, answer], axis=1).astype(np.int64), 3 * E + 3
+    seq = np.concatenate([body, sg, answer], axis=1).astype(np.int64)
+    return seq, seq.shape[1] - path.shape[1]  # P: all but the L answer tokens
 
 def graph_lines(edges, path):
     """edges (n, E, 2), path (n, L) -> the graphs as lines of the original text format."""
