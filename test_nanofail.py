@@ -1212,20 +1212,23 @@ def test_learning_curves_from_results(tmp_path, capsys):
 
 def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
     runs = []
-    for seed, exacts in ((1, (0.5, 0.96, 0.99)), (2, (0.5, 0.6, 0.94))):
+    for seed, exacts, steps in ((1, (0.5, 0.96, 0.99), 30), (2, (0.5, 0.6, 0.94), 30),
+                                (3, (0.5, 0.6, 0.94), 600)):  # seed 3 stopped before its end
         run = tmp_path / f"s{seed}"
         run.mkdir()
         hist = [dict(step=10 * (i + 1), train_loss=1.0, test_exact_match=x,
                      forced_token_acc=[1, x, 1, 1, 1]) for i, x in enumerate(exacts)]
-        json.dump(dict(config=nf.asdict(nf.Config(seed=seed, teacherless=True)), history=hist,
-                       final=hist[-1]), open(run / "results.json", "w"))
+        cfg = nf.Config(seed=seed, teacherless=True, max_iters=steps)
+        json.dump(dict(config=nf.asdict(cfg), history=hist, final=hist[-1]),
+                  open(run / "results.json", "w"))
         runs.append(run)
     (tmp_path / "empty").mkdir()  # a run that wrote nothing yet: a row, not a failure
     code, out, _ = run_figures(["--odds", *runs, tmp_path / "empty"], capsys)
     rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith(f"| {tmp_path}")]
-    assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no", ""]  # first step >= 0.95
-    assert [r[1].strip() for r in rows] == ["1", "2", ""] and "teacherless: 1 of 2" in out
-    assert [r[-2].strip() for r in rows] == ["20 10 10", "30 10 10", ""]  # n1 n2 n3 reach 0.9
+    assert code == 0 and [r[-1].strip() for r in rows] == ["20", "no", "no", ""]  # step >= 0.95
+    assert [r[1].strip() for r in rows] == ["1", "2", "3", ""]
+    assert re.search(r"teacherless: 1 of 3 .*; 1 of the others", out)  # seed 3 said apart
+    assert [r[-2].strip() for r in rows] == ["20 10 10", "30 10 10", "30 10 10", ""]  # n1 n2 n3
     code, _, err = run_figures(["--curves", runs[0]], capsys)  # a figure still needs --out
     assert code == 2 and len(err.strip().splitlines()) == 1
 

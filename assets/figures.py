@@ -323,7 +323,7 @@ def odds_table(run_dirs, target=0.95):
     `target`; then, per objective, how many runs did. Markdown lines."""
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
              f"from step (n1 ...) | reached {target} at step |", "|---" * 8 + "|"]
-    passed = {}  # objective -> [reached target?] per run
+    passed, short = {}, {}  # objective -> [reached target?], [ended before max_iters?] per run
     for run_dir in run_dirs:
         try:
             cfg, hist = read_results(run_dir)
@@ -332,15 +332,19 @@ def odds_table(run_dirs, target=0.95):
             continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
         objective = nf.objective_name(cfg)
-        passed.setdefault(objective, []).append(at is not None)
         last = hist[-1]
+        passed.setdefault(objective, []).append(at is not None)
+        short.setdefault(objective, []).append(at is None and last["step"] < cfg.max_iters)
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
         # the plan's links: the first evaluation where each inner position is right 9 times in 10
         links = " ".join(str(next((h["step"] for h in hist if h["forced_token_acc"][i] >= 0.9),
                                   "-")) for i in range(1, cfg.path_len - 1))
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
                      f"{last['test_exact_match']:.3f} | {forced} | {links} | {at or 'no'} |")
+    # a run stopped early (on a plateau, or still going) is counted, and said apart
     return lines + [""] + [f"{objective}: {sum(p)} of {len(p)} runs reached {target}"
+                           + (f"; {sum(short[objective])} of the others stopped before their "
+                              "max_iters" if any(short[objective]) else "")
                            for objective, p in passed.items()]
 
 
