@@ -251,11 +251,22 @@ def box_weight(w, reads, k):
     return torch.stack(rows, -1)  # (..., L)
 
 
-def attention_panel(run_dir):
+def test_graph(cfg, k):
+    """Test graph k of a run, drawn again from its seed or read from its --test_file:
+    edges (1, E, 2), path (1, L)."""
+    _, (edges, path), _ = nf.make_splits(cfg, log=lambda *_: None)
+    if not 0 <= k < len(path):
+        raise nf.UsageError(f"--graph {k}: the run has test graphs 0 to {len(path) - 1}")
+    return edges[k:k + 1], path[k:k + 1]
+
+
+def attention_panel(run_dir, graph=None):
     """What one panel of --attention draws: the answer rows' attention on the prompt tokens of the
-    run's worked example, in the head (and layer) that reads the rows' nodes off the edges most."""
+    run's worked example (or of its test graph `graph`), in the head (and layer) that reads the
+    rows' nodes off the edges most."""
     cfg, model = load_gpt(run_dir)
-    edges, path = worked_example(run_dir)
+    # the worked example is the first test graph the model gets wrong: a winner's failure
+    edges, path = worked_example(run_dir) if graph is None else test_graph(cfg, graph)
     if path.shape[1] != cfg.path_len or edges.shape[1] != cfg.deg * (cfg.path_len - 1):
         raise nf.UsageError(f"{run_dir}: the worked example is not G({cfg.deg},{cfg.path_len})")
     seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
@@ -305,9 +316,9 @@ def draw_attention(ax, cfg, w, reads, where, in_box, mass, rows, columns):
     return im
 
 
-def plot_attention(run_dirs, out_path):
+def plot_attention(run_dirs, out_path, graph=None):
     """One panel per run, side by side, each as wide as its prompt, with one colour bar."""
-    panels = [attention_panel(run_dir) for run_dir in run_dirs]  # every run read before drawing
+    panels = [attention_panel(run_dir, graph) for run_dir in run_dirs]  # all read before drawing
     widths = [len(p["columns"]) for p in panels]  # so that a token is as wide in every panel
     fig, axes = subplots(1, len(panels), figsize=(0.3 * sum(widths) + 2.5 * len(panels), 4.2),
                          squeeze=False, gridspec_kw=dict(width_ratios=widths), layout="constrained")
@@ -358,6 +369,8 @@ def main(argv=None):
                    help="what the answer positions of these GPT runs attend to, side by side")
     p.add_argument("--odds", nargs="+", metavar="RUN_DIR",
                    help="print how many of these runs reached exact match 0.95, and when")
+    p.add_argument("--graph", type=int, metavar="K",
+                   help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
     args = p.parse_args(argv)
     with nf.reported():
@@ -371,7 +384,7 @@ def main(argv=None):
             raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR, "
                                 "--attention RUN_DIR ... or --odds RUN_DIR ...")
         (draw, run_dirs), = modes
-        draw(run_dirs, args.out)
+        draw(run_dirs, args.out, *([args.graph] if args.attention else []))
 
 
 if __name__ == "__main__":
