@@ -213,9 +213,8 @@ def worked_example(run_dir):
     if not isinstance(example, dict):
         return nf.parse_graphs(example, name)
     try:  # the dict, written as a text line: the same parser checks it, a bad graph reads the same
-        edges, path = example["edges"], example["path"]
-        text = "|".join(f"{u},{v}" for u, v in edges) + f"/{path[0]},{path[-1]}="
-        return nf.parse_graphs(text + ",".join(map(str, path)), name)
+        line, = nf.graph_lines(np.array([example["edges"]]), np.array([example["path"]]))
+        return nf.parse_graphs(line, name)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise nf.UsageError(f"{name}: the worked example is not a graph ({type(e).__name__})")
 
