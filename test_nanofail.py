@@ -1290,7 +1290,7 @@ def test_attention_figure_is_a_png(gpt_run, tmp_path, capsys):
     code, _, err = run_figures(argv + ["--example", str(gpt_run)], capsys)
     assert code == 2 and "give one of" in err  # one figure per call
     panel = figures.attention_panel(gpt_run, graph=1)  # a test graph of our choice, not the example
-    cfg = nf.Config(**json.load(open(gpt_run / "results.json"))["config"])
+    cfg, _ = figures.read_results(gpt_run)
     _, (edges, path), _ = nf.make_splits(cfg, log=lambda *_: None)
     assert panel["rows"][1] == f"n1 = {path[1][1]}"
     code, _, err = run_figures(argv + ["--graph", "1000000"], capsys)

@@ -13,6 +13,7 @@ draws which prompt tokens the answer positions of GPT runs (their ckpt.pt) atten
 example, with a box where each should read. Training does not need matplotlib; this script does
 (pip install matplotlib).
 """
+import functools
 import json
 import math
 import os
@@ -333,7 +334,7 @@ def odds_table(run_dirs, target=0.95):
     `target`; then, per objective, how many runs did. Markdown lines."""
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
              f"from step (n1 ...) | reached {target} at step |", "|---" * 8 + "|"]
-    passed, short = {}, {}  # objective -> [reached target?], [ended before max_iters?] per run
+    outcomes = {}  # objective -> per run: "reached", "early" (stopped before max_iters) or "missed"
     for run_dir in run_dirs:
         try:
             cfg, hist = read_results(run_dir)
@@ -343,8 +344,8 @@ def odds_table(run_dirs, target=0.95):
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
         objective = nf.objective_name(cfg)
         last = hist[-1]
-        passed.setdefault(objective, []).append(at is not None)
-        short.setdefault(objective, []).append(at is None and last["step"] < cfg.max_iters)
+        outcomes.setdefault(objective, []).append(
+            "reached" if at is not None else "early" if last["step"] < cfg.max_iters else "missed")
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
         # the plan's links: the first evaluation where each inner position is right 9 times in 10
         links = " ".join(str(next((h["step"] for h in hist if h["forced_token_acc"][i] >= 0.9),
@@ -352,10 +353,10 @@ def odds_table(run_dirs, target=0.95):
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
                      f"{last['test_exact_match']:.3f} | {forced} | {links} | {at or 'no'} |")
     # a run stopped early (on a plateau, or still going) is counted, and said apart
-    return lines + [""] + [f"{objective}: {sum(p)} of {len(p)} runs reached {target}"
-                           + (f"; {sum(short[objective])} of the others stopped before their "
-                              "max_iters" if any(short[objective]) else "")
-                           for objective, p in passed.items()]
+    return lines + [""] + [f"{objective}: {o.count('reached')} of {len(o)} runs reached {target}"
+                           + (f"; {o.count('early')} of the others stopped before their max_iters"
+                              if "early" in o else "")
+                           for objective, o in outcomes.items()]
 
 
 def main(argv=None):
@@ -377,13 +378,14 @@ def main(argv=None):
             return print("\n".join(odds_table(args.odds)))
         if not args.out:
             raise nf.UsageError("--out FILE.png is needed for a figure")
+        attention = functools.partial(plot_attention, graph=args.graph)
         modes = [(f, a) for f, a in ((plot_curves, args.curves), (draw_example, args.example),
-                                     (plot_attention, args.attention)) if a]
+                                     (attention, args.attention)) if a]
         if len(modes) != 1:  # one figure per call: each writes its own --out
             raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR, "
                                 "--attention RUN_DIR ... or --odds RUN_DIR ...")
         (draw, run_dirs), = modes
-        draw(run_dirs, args.out, *([args.graph] if args.attention else []))
+        draw(run_dirs, args.out)
 
 
 if __name__ == "__main__":
