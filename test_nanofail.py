@@ -1295,14 +1295,17 @@ def test_attention_figure_is_a_png(gpt_run, tmp_path, capsys):
     assert panel["rows"][1] == f"n1 = {path[1][1]}"
     code, _, err = run_figures(argv + ["--graph", "1000000"], capsys)
     assert code == 2 and "--graph" in err and len(err.strip().splitlines()) == 1
+    curves = ["--curves", str(gpt_run), "--graph", "1", "--out", str(out)]
+    code, _, err = run_figures(curves, capsys)
+    assert code == 2 and "--attention" in err  # --graph chooses nothing outside --attention
 
 
 def test_attention_rows_are_causal_distributions(gpt_run):
     model, x = example_inputs(gpt_run)
     w = figures.attention_weights(model, x)
     T = x.shape[1]
-    assert w.shape == (2, 2, T, T) and w.dtype == torch.float32 and not model.training
-    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, T))  # each row: where one position reads
+    assert w.shape == (1, 2, 2, T, T) and w.dtype == torch.float32 and not model.training
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 2, T))  # a row: where a position reads
     assert (w.triu(1) == 0).all()  # the past only: nothing above the diagonal
 
 
@@ -1338,6 +1341,35 @@ def test_expected_reads_box_the_lookup_edges():
     w[0, 12], w[1, 4] = 0.5, 1.0
     assert figures.box_weight(w, teacherless, 0).tolist() == [0.5, 1.0, 0.0]
     assert figures.box_weight(w, teacherless, 1).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
+    cfg, on, off = figures.edge_reads(gpt_run, n_graphs=2)
+    L, E = cfg.path_len, cfg.deg * (cfg.path_len - 1)
+    assert on.shape == off.shape == (cfg.n_layer, cfg.n_head, L + 2, L - 1)
+    model = figures.load_gpt(gpt_run)[1]
+    want_on, want_off = torch.zeros_like(on), torch.zeros_like(off)
+    for k in range(2):  # the same means, from each graph's own map, walking its arms by hand
+        edges, path = figures.test_graph(cfg, k)
+        seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+        x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+        w = figures.attention_weights(model, x)[0, :, :, 3 * E:]  # rows from s on
+        out_of = {u: (j, v) for j, (u, v) in enumerate(edges[0].tolist())}  # one per node but s
+        for j, (u, v) in enumerate(edges[0].tolist()):
+            if u != path[0, 0]:
+                continue
+            to_g = v == path[0, 1]  # this arm leads to g
+            for depth in range(L - 1):
+                read = w[..., 3 * j:3 * j + 2].sum(-1) / 2  # edge j's u v, a mean of two graphs
+                if to_g:
+                    want_on[..., depth] += read
+                else:
+                    want_off[..., depth] += read / (cfg.deg - 1)
+                j, v = out_of.get(v, (None, None))  # the arm's next edge
+    torch.testing.assert_close(on, want_on)
+    torch.testing.assert_close(off, want_off)
+    code, stdout, _ = run_figures(["--reads", gpt_run], capsys)  # a header and a row each
+    assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == L + 3
 
 
 def test_worked_example_reads_the_text_and_the_dict_format(tmp_path):

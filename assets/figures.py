@@ -6,12 +6,14 @@ The README's figures, made from the results.json that `python nanofail.py --out_
         --out assets/clever_hans.png
     python assets/figures.py --attention runs/attn-demo runs/attn-g23-tl --out assets/attention.png
     python assets/figures.py --odds assets/runs/g23-tl-s*      # a table: k of n runs reached 0.95
+    python assets/figures.py --reads runs/attn-g23-tl          # a table: which edges are read
 
 --example draws the worked example of a run's last evaluation: the test graph, the true path and the
 model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. --attention
 draws which prompt tokens the answer positions of GPT runs (their ckpt.pt) attend to on the worked
-example, with a box where each should read. Training does not need matplotlib; this script does
-(pip install matplotlib).
+example, with a box where each should read; --reads averages, over many test graphs, how much each
+position reads each edge of the path against the same edge of another arm. Training does not need
+matplotlib; this script does for its figures (pip install matplotlib).
 """
 import functools
 import json
@@ -178,9 +180,10 @@ def attention_output(block, resid):
 
 @torch.no_grad()
 def attention_weights(model, x):
-    """The attention probabilities of every layer of a GPT for one input row x (1, T): a tensor
-    (n_layer, n_head, T, T) whose row t holds the weights position t puts on positions 0..t.
-    Computed in float32 eval mode, and checked against each block's own attention output."""
+    """The attention probabilities of every layer of a GPT for input rows x (B, T): a tensor
+    (B, n_layer, n_head, T, T) whose [b, l, h, t] holds the weights position t of row b puts on
+    positions 0..t in head h of layer l. Computed in float32 eval mode, and checked against each
+    block's own attention output."""
     model.float().eval()  # the weights inference uses; float32, which the check's tolerance assumes
     weights = []
     for block, resid in zip(model.blocks, block_inputs(model, x)):
@@ -188,8 +191,8 @@ def attention_weights(model, x):
         own = block.attn(block.ln_1(resid))
         if not torch.allclose(attention_output(block, resid), own, atol=1e-5):
             raise RuntimeError("attention_weights no longer reproduces Block.attn: update it")
-        weights.append(attention_probs(block, resid)[0][0])
-    return torch.stack(weights)
+        weights.append(attention_probs(block, resid)[0])
+    return torch.stack(weights, 1)
 
 
 def load_gpt(run_dir):
@@ -251,10 +254,18 @@ def box_weight(w, reads, k):
     return torch.stack(rows, -1)  # (..., L)
 
 
+def test_graphs(cfg):
+    """A run's test graphs, drawn again from its seed or read from its --test_file: edges (n, E, 2),
+    path (n, L)."""
+    # the test set is drawn before the training set, so one training graph leaves it as it was and
+    # spares drawing (or reading) the run's whole pool
+    alone = nf.replace(cfg, n_train=1, fresh_after=0, train_file="")
+    return nf.make_splits(alone, log=lambda *_: None)[1]
+
+
 def test_graph(cfg, k):
-    """Test graph k of a run, drawn again from its seed or read from its --test_file:
-    edges (1, E, 2), path (1, L)."""
-    _, (edges, path), _ = nf.make_splits(cfg, log=lambda *_: None)
+    """Test graph k of a run: edges (1, E, 2), path (1, L)."""
+    edges, path = test_graphs(cfg)
     if not 0 <= k < len(path):
         raise nf.UsageError(f"--graph {k}: the run has test graphs 0 to {len(path) - 1}")
     return edges[k:k + 1], path[k:k + 1]
@@ -272,7 +283,7 @@ def attention_panel(run_dir, graph=None):
     seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
     x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
     # rows: positions P-1 .. P+L-2, each predicting one answer token; columns: the prompt only
-    w = attention_weights(model, x)[:, :, P - 1:, :P]  # (n_layer, n_head, L, P)
+    w = attention_weights(model, x)[0, :, :, P - 1:, :P]  # (n_layer, n_head, L, P)
     reads = expected_reads(edges[0], path[0], cfg)
     solid, dashed = box_weight(w, reads, 0), box_weight(w, reads, 1)  # (n_layer, n_head, L) each
     # the lookup head: most weight on the rows' edges, either one (s and g copy, look nothing up);
@@ -328,6 +339,55 @@ def plot_attention(run_dirs, out_path, graph=None):
     save(fig, out_path)
 
 
+def edge_reads(run_dir, n_graphs=500):
+    """How much each position after the edge list reads each edge of the path, over a run's first
+    n_graphs test graphs. Rows r: s and g of the prompt, then the answer rows (L + 2 in all);
+    e_k = (path[k], path[k+1]), the k-th edge of the arm to g. Returns cfg, then on and off, each
+    (n_layer, n_head, L + 2, L - 1): the mean weight on e_k's two labels, and on the k-th edge of
+    another arm (the control: a head that reads both alike cannot choose the arm)."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = (t[:n_graphs] for t in test_graphs(cfg))
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    (B, E, _), L = edges.shape, cfg.path_len
+    # rows from s (token 3E) on; columns: edge j's u v at 3j, 3j+1 (3j+2 is its '|')
+    w = attention_weights(model, x)[..., 3 * E:, :3 * E].unflatten(-1, (E, 3))[..., :2].sum(-1)
+    depth = np.full((B, cfg.num_nodes), -1)  # of each node: s 0, its children 1, ...
+    depth[np.arange(B), path[:, 0]] = 0
+    for _ in range(L - 1):  # an arm is L - 1 edges long: its end is reached in as many sweeps
+        du = np.take_along_axis(depth, edges[..., 0], 1)
+        np.put_along_axis(depth, edges[..., 1], np.where(du >= 0, du + 1, -1), 1)
+    links = np.stack([path[:, :-1], path[:, 1:]], -1)  # (B, L-1, 2): e_0 ... e_{L-2}
+    is_link = (edges[:, None] == links[:, :, None]).all(-1)  # (B, L-1, E)
+    at_depth = np.take_along_axis(depth, edges[..., 0], 1)[:, None] == np.arange(L - 1)[:, None]
+    is_other = at_depth & ~is_link  # the other arms' edges at the same depth: deg - 1 of them
+    on = torch.einsum("blhre,bke->lhrk", w, torch.from_numpy(is_link).float()) / B
+    off = torch.einsum("blhre,bke->lhrk", w, torch.from_numpy(is_other).float()) / B
+    return cfg, on, off / max(cfg.deg - 1, 1)
+
+
+def reads_table(run_dir, n_graphs=500):
+    """edge_reads as Markdown lines: for each row and edge of the path, the head that reads that
+    edge most beyond the edge at its depth on another arm. A lookup shows as one edge read far above
+    its control; a head that reads both alike cannot choose the arm."""
+    cfg, on, off = edge_reads(run_dir, n_graphs)
+    names = nf.position_names(cfg.path_len)
+    lines = ["| position | " + " | ".join(f"({a}, {b})" for a, b in zip(names, names[1:])) + " |",
+             "|---" * cfg.path_len + "|"]
+    rows = ["s (prompt)", "g (prompt)"] + [f"predicts {n}"
+                                           for n in nf.position_names(cfg.path_len, cfg.reverse)]
+    for r, row in enumerate(rows):
+        cells = []
+        for k in range(cfg.path_len - 1):
+            layer, head = divmod(int((on[..., r, k] - off[..., r, k]).argmax()), cfg.n_head)
+            cells.append(f"L{layer + 1}H{head + 1} {on[layer, head, r, k]:.2f} "
+                         f"({off[layer, head, r, k]:.2f})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + ["", f"mean attention weight on each edge of the path over {n_graphs} test "
+                    "graphs, in the head (LlayerHhead) that reads it most beyond the edge at its "
+                    "depth on another arm (in brackets)"]
+
+
 def odds_table(run_dirs, target=0.95):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
@@ -369,6 +429,8 @@ def main(argv=None):
                    help="what the answer positions of these GPT runs attend to, side by side")
     p.add_argument("--odds", nargs="+", metavar="RUN_DIR",
                    help="print how many of these runs reached exact match 0.95, and when")
+    p.add_argument("--reads", metavar="RUN_DIR",
+                   help="print which edges of the path the positions of this GPT run read")
     p.add_argument("--graph", type=int, metavar="K",
                    help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
@@ -376,6 +438,10 @@ def main(argv=None):
     with nf.reported():
         if args.odds:  # a table, not a figure: printed
             return print("\n".join(odds_table(args.odds)))
+        if args.reads:
+            return print("\n".join(reads_table(args.reads)))
+        if args.graph is not None and not args.attention:  # a choice no figure would use
+            raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
         if not args.out:
             raise nf.UsageError("--out FILE.png is needed for a figure")
         attention = functools.partial(plot_attention, graph=args.graph)
