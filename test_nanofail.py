@@ -1372,6 +1372,20 @@ def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
     assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == L + 3
 
 
+def test_lens_of_the_last_block_is_the_forced_accuracy(gpt_run, capsys):
+    cfg, hits, to_g = figures.lens(gpt_run, n_graphs=8)
+    assert hits.shape == to_g.shape == (cfg.n_layer, cfg.path_len)
+    edges, path = (t[:8] for t in figures.test_graphs(cfg))
+    _, model = figures.load_gpt(gpt_run)
+    r = nf.evaluate(model, edges, path, cfg.num_nodes, cfg.reverse, cfg.teacherless)
+    # the lens of the last block is the model's own output: what evaluate scores
+    torch.testing.assert_close(hits[-1], torch.tensor(r["forced_token_acc"]))
+    assert ((0 <= to_g) & (to_g <= 1)).all()
+    code, stdout, _ = run_figures(["--lens", gpt_run], capsys)  # a header and a row each
+    assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == \
+        cfg.path_len + 1
+
+
 def test_worked_example_reads_the_text_and_the_dict_format(tmp_path):
     text = "5,2|2,8|5,9|9,3/5,8=5,2,8"
     as_dict = dict(edges=[[5, 2], [2, 8], [5, 9], [9, 3]], path=[5, 2, 8])

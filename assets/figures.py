@@ -7,12 +7,14 @@ The README's figures, made from the results.json that `python nanofail.py --out_
     python assets/figures.py --attention runs/attn-demo runs/attn-g23-tl --out assets/attention.png
     python assets/figures.py --odds assets/runs/g23-tl-s*      # a table: k of n runs reached 0.95
     python assets/figures.py --reads runs/attn-g23-tl          # a table: which edges are read
+    python assets/figures.py --lens runs/attn-g23-tl           # a table: where the answers appear
 
 --example draws the worked example of a run's last evaluation: the test graph, the true path and the
 model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. --attention
 draws which prompt tokens the answer positions of GPT runs (their ckpt.pt) attend to on the worked
 example, with a box where each should read; --reads averages, over many test graphs, how much each
-position reads each edge of the path against the same edge of another arm. Training does not need
+position reads each edge of the path against the same edge of another arm, and --lens after which
+block each answer row names its answer (the logit lens). Training does not need
 matplotlib; this script does for its figures (pip install matplotlib).
 """
 import functools
@@ -388,6 +390,40 @@ def reads_table(run_dir, n_graphs=500):
                     "depth on another arm (in brackets)"]
 
 
+@torch.no_grad()
+def lens(run_dir, n_graphs=500):
+    """When each answer appears, over a run's first n_graphs test graphs: the logit lens (each
+    block's output read through the model's own ln_f and lm_head) of every answer row. Returns cfg,
+    hits (n_layer, L): how often block l's output already names the row's answer (the last block's:
+    the forced accuracy), and to_g (n_layer, L): the largest weight a head of block l puts on the
+    prompt's g, where the rows can copy what that position holds."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = (t[:n_graphs] for t in test_graphs(cfg))
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    streams = block_inputs(model, x)  # what enters each block; the last block's output next
+    outputs, L = streams[1:] + [model.blocks[-1](streams[-1])], cfg.path_len
+    answer = torch.from_numpy(seq[:, P:])  # (B, L): rows P-1 .. P+L-2 predict these
+    hits = torch.stack([(model.lm_head(model.ln_f(out[:, P - 1:P + L - 1])).argmax(-1) == answer)
+                        .float().mean(0) for out in outputs])
+    g = 3 * edges.shape[1] + 1  # the prompt ends / s g =
+    to_g = attention_weights(model, x)[:, :, :, P - 1:, g].mean(0).amax(1)  # (n_layer, L)
+    return cfg, hits, to_g
+
+
+def lens_table(run_dir, n_graphs=500):
+    """lens as Markdown lines: a row per answer position, a column per block."""
+    cfg, hits, to_g = lens(run_dir, n_graphs)
+    lines = ["| row | " + " | ".join(f"L{i + 1}" for i in range(cfg.n_layer)) + " |",
+             "|---" * (cfg.n_layer + 1) + "|"]
+    for r, name in enumerate(nf.position_names(cfg.path_len, cfg.reverse)):
+        cells = [f"{h:.2f} (g {a:.2f})" for h, a in zip(hits[:, r].tolist(), to_g[:, r].tolist())]
+        lines.append(f"| predicts {name} | " + " | ".join(cells) + " |")
+    return lines + ["", f"over {n_graphs} test graphs: how often block L's output, read through "
+                    "ln_f and lm_head, names the row's answer (g: the largest weight a head of "
+                    "block L puts on the prompt's g)"]
+
+
 def odds_table(run_dirs, target=0.95):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
@@ -431,6 +467,8 @@ def main(argv=None):
                    help="print how many of these runs reached exact match 0.95, and when")
     p.add_argument("--reads", metavar="RUN_DIR",
                    help="print which edges of the path the positions of this GPT run read")
+    p.add_argument("--lens", metavar="RUN_DIR",
+                   help="print after which block each answer of this GPT run appears")
     p.add_argument("--graph", type=int, metavar="K",
                    help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
@@ -438,8 +476,9 @@ def main(argv=None):
     with nf.reported():
         if args.odds:  # a table, not a figure: printed
             return print("\n".join(odds_table(args.odds)))
-        if args.reads:
-            return print("\n".join(reads_table(args.reads)))
+        if args.reads or args.lens:  # tables too
+            return print("\n".join(reads_table(args.reads) if args.reads else
+                                   lens_table(args.lens)))
         if args.graph is not None and not args.attention:  # a choice no figure would use
             raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
         if not args.out:
