@@ -13,6 +13,7 @@ objectives, model, evaluation, training, command line) run in order and only def
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
 from contextlib import contextmanager, nullcontext
+from itertools import islice
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -628,15 +629,16 @@ def setup(cfg, device, world, log):
 def train_batches(cfg, step, train_set, test_set, device, log):
     """Each step's global batch (B, P+L) from `step` on: the pool, then from fresh_after on the new
     graphs, each seen once. Each set's batches are drawn from the seed of the step it starts at,
-    so a run resumed at the switch draws the batches of one run that passes through it."""
+    and a resumed run skips the ones it trained on: it draws the batches of one uninterrupted run."""
     while True:
         fresh = 0 < cfg.fresh_after <= step  # past the switch: new graphs
         graphs = unseen_graphs(cfg, test_set) if fresh else train_set
         seq = torch.from_numpy(encode(*graphs, cfg.num_nodes, cfg.reverse)[0]).to(device)
         if fresh and step == cfg.fresh_after:  # the pool has done its work: new graphs from here
             log(f"step {step}: from here on {len(seq)} new graphs, each seen once")
-        gen = torch.Generator(device).manual_seed(cfg.seed + step)
-        for idx in batches(len(seq), cfg.batch_size, gen):
+        start = cfg.fresh_after if fresh else 0  # the step this set's batches began at
+        gen = torch.Generator(device).manual_seed(cfg.seed + start)
+        for idx in islice(batches(len(seq), cfg.batch_size, gen), step - start, None):
             yield seq[idx]  # (B, P+L) token rows, on the device
             step += 1
             if step == cfg.fresh_after:

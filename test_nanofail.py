@@ -893,6 +893,22 @@ def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_
                                       & set(nf.prompt_keys(*train) + nf.prompt_keys(*test)))
 
 
+@pytest.mark.parametrize("saved_at", [3, 6])  # in the pool's first epoch; past the switch at 5
+def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_one_run(tmp_path, capsys, monkeypatch,
+                                                                  saved_at):
+    kw = dict(n_train=64, n_test=16, batch_size=16, min_lr_frac=1, max_iters=12, fresh_after=5,
+              eval_interval=3)  # 4 batches an epoch of the pool; checkpoints at 3, 6, 9, 12
+    assert run_main(flags(out_dir=tmp_path / "one", **kw), capsys)[0] == 0
+    with monkeypatch.context() as m:  # Ctrl-C in the step after the checkpoint
+        interrupt_at_call(m, saved_at + 1)
+        assert run_main(flags(out_dir=tmp_path / "two", **kw), capsys)[0] == 1
+    assert ckpt_step(tmp_path / "two" / "ckpt.pt") == saved_at
+    assert run_main(["--resume", tmp_path / "two" / "ckpt.pt"], capsys)[0] == 0
+    one, two = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]
+                for run in ("one", "two"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)  # the same batches
+
+
 def test_too_many_fresh_graphs_are_refused_before_step_1(capsys):
     out, _ = usage_error(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys,
                          "--max_iters")
