@@ -1293,8 +1293,7 @@ def example_inputs(run):
     """The run's model and the input row x (1, T) of its worked example, as the figure has it."""
     cfg, model = figures.load_gpt(run)
     edges, path = figures.worked_example(run)
-    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
-    return model, nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    return model, figures.model_inputs(cfg, edges, path)[2]
 
 
 def test_attention_figure_is_a_png(gpt_run, tmp_path, capsys):
@@ -1367,8 +1366,7 @@ def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
     want_on, want_off = torch.zeros_like(on), torch.zeros_like(off)
     for k in range(2):  # the same means, from each graph's own map, walking its arms by hand
         edges, path = figures.test_graph(cfg, k)
-        seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
-        x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+        x = figures.model_inputs(cfg, edges, path)[2]
         w = figures.attention_weights(model, x)[0, :, :, 3 * E:]  # rows from s on
         out_of = {u: (j, v) for j, (u, v) in enumerate(edges[0].tolist())}  # one per node but s
         for j, (u, v) in enumerate(edges[0].tolist()):

@@ -256,6 +256,13 @@ def box_weight(w, reads, k):
     return torch.stack(rows, -1)  # (..., L)
 
 
+def model_inputs(cfg, edges, path):
+    """Graphs as a run's model reads them: the token rows seq (n, P+L), the prompt length P and the
+    inputs x (n, P+L-1) of its objective (teacher forcing, or '$' for the answer)."""
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
+    return seq, P, nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+
+
 def test_graphs(cfg):
     """A run's test graphs, drawn again from its seed or read from its --test_file: edges (n, E, 2),
     path (n, L)."""
@@ -282,8 +289,7 @@ def attention_panel(run_dir, graph=None):
     edges, path = worked_example(run_dir) if graph is None else test_graph(cfg, graph)
     if path.shape[1] != cfg.path_len or edges.shape[1] != cfg.deg * (cfg.path_len - 1):
         raise nf.UsageError(f"{run_dir}: the worked example is not G({cfg.deg},{cfg.path_len})")
-    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
-    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    seq, P, x = model_inputs(cfg, edges, path)
     # rows: positions P-1 .. P+L-2, each predicting one answer token; columns: the prompt only
     w = attention_weights(model, x)[0, :, :, P - 1:, :P]  # (n_layer, n_head, L, P)
     reads = expected_reads(edges[0], path[0], cfg)
@@ -349,8 +355,7 @@ def edge_reads(run_dir, n_graphs=500):
     another arm (the control: a head that reads both alike cannot choose the arm)."""
     cfg, model = load_gpt(run_dir)
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
-    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
-    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    x = model_inputs(cfg, edges, path)[2]
     (B, E, _), L = edges.shape, cfg.path_len
     # rows from s (token 3E) on; columns: edge j's u v at 3j, 3j+1 (3j+2 is its '|')
     w = attention_weights(model, x)[..., 3 * E:, :3 * E].unflatten(-1, (E, 3))[..., :2].sum(-1)
@@ -386,8 +391,8 @@ def reads_table(run_dir, n_graphs=500):
                          f"({off[layer, head, r, k]:.2f})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines + ["", f"mean attention weight on each edge of the path over {n_graphs} test "
-                    "graphs, in the head (LlayerHhead) that reads it most beyond the edge at its "
-                    "depth on another arm (in brackets)"]
+                    "graphs, in the head (L layer, H head) that reads it most beyond the edge at "
+                    "its depth on another arm (in brackets)"]
 
 
 @torch.no_grad()
@@ -399,8 +404,7 @@ def lens(run_dir, n_graphs=500):
     prompt's g, where the rows can copy what that position holds."""
     cfg, model = load_gpt(run_dir)
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
-    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
-    x = nf.make_inputs(torch.from_numpy(seq), P, cfg.teacherless, cfg.num_nodes)
+    seq, P, x = model_inputs(cfg, edges, path)
     streams = block_inputs(model, x)  # what enters each block; the last block's output next
     outputs, L = streams[1:] + [model.blocks[-1](streams[-1])], cfg.path_len
     answer = torch.from_numpy(seq[:, P:])  # (B, L): rows P-1 .. P+L-2 predict these
