@@ -1400,6 +1400,20 @@ def test_lens_of_the_last_block_is_the_forced_accuracy(gpt_run, capsys):
         cfg.path_len + 1
 
 
+def test_a_linear_probe_reads_what_the_stream_holds_and_only_that(gpt_run, capsys):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (600,), generator=gen)
+    noise = torch.randn(600, 16, generator=gen)
+    held = torch.cat([F.one_hot(y, 10).float(), torch.zeros(600, 6)], 1) + 0.3 * noise
+    assert figures.probe_accuracy(held, y, n_fit=500) > 0.9  # a label the stream holds
+    assert figures.probe_accuracy(noise, y, n_fit=500) < 0.3  # and none it does not (chance 0.1)
+    cfg, rows, acc, (n_fit, n_score) = figures.probe(gpt_run)
+    assert acc.shape == (len(rows), cfg.n_layer, cfg.path_len - 2) and n_fit + n_score == 32
+    code, stdout, _ = run_figures(["--probe", gpt_run], capsys)  # a header and a row each
+    assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == \
+        len(rows) + 1
+
+
 def test_worked_example_reads_the_text_and_the_dict_format(tmp_path):
     text = "5,2|2,8|5,9|9,3/5,8=5,2,8"
     as_dict = dict(edges=[[5, 2], [2, 8], [5, 9], [9, 3]], path=[5, 2, 8])

@@ -8,13 +8,15 @@ The README's figures, made from the results.json that `python nanofail.py --out_
     python assets/figures.py --odds assets/runs/g23-tl-s*      # a table: k of n runs reached 0.95
     python assets/figures.py --reads runs/attn-g23-tl          # a table: which edges are read
     python assets/figures.py --lens runs/attn-g23-tl           # a table: where the answers appear
+    python assets/figures.py --probe runs/attn-g23-tl          # a table: where the plan's nodes are
 
 --example draws the worked example of a run's last evaluation: the test graph, the true path and the
 model's answer. --curves draws the paper's learning-dynamics picture, one panel per run. --attention
 draws which prompt tokens the answer positions of GPT runs (their ckpt.pt) attend to on the worked
-example, with a box where each should read; --reads averages, over many test graphs, how much each
-position reads each edge of the path against the same edge of another arm, and --lens after which
-block each answer row names its answer (the logit lens). Training does not need
+example, with a box where each should read. Three tables look inside a GPT run over many test
+graphs: --reads, how much each position reads each edge of the path against the same edge of
+another arm; --lens, after which block each answer row names its answer (the logit lens); --probe,
+where a linear probe finds the plan's nodes in the residual stream. Training does not need
 matplotlib; this script does for its figures (pip install matplotlib).
 """
 import functools
@@ -25,6 +27,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nanofail as nf  # noqa: E402
@@ -428,6 +431,61 @@ def lens_table(run_dir, n_graphs=500):
                     "block L puts on the prompt's g)"]
 
 
+def probe_accuracy(X, y, n_fit, steps=200):
+    """Linear read-outs of labels y (n,) from features X (..., n, C), one for each leading index,
+    fit on the first n_fit rows (cross-entropy, Adam, a little L2) and scored on the others: their
+    held-out accuracies (...). Fit together, each as it would be alone: their losses are summed."""
+    fit = X[..., :n_fit, :]
+    X = (X - fit.mean(-2, keepdim=True)) / (fit.std(-2, keepdim=True) + 1e-6)  # the fit rows' scale
+    W = torch.zeros(*X.shape[:-2], X.shape[-1], int(y.max()) + 1, requires_grad=True)
+    b = torch.zeros(*X.shape[:-2], 1, W.shape[-1], requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=0.05)
+    for _ in range(steps):
+        logits = X[..., :n_fit, :] @ W + b  # (..., n_fit, labels)
+        ce = F.cross_entropy(logits.flatten(0, -2), y[:n_fit].expand(logits.shape[:-1]).flatten(),
+                             reduction="sum") / n_fit  # the sum of each probe's mean
+        loss = ce + 1e-3 * W.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return ((X[..., n_fit:, :] @ W + b).argmax(-1) == y[n_fit:]).float().mean(-1)
+
+
+def probe(run_dir, n_graphs=5000):
+    """Where the plan's nodes are held: after each block, how well a linear probe reads n1 ...
+    n_{L-2} from the stream at the prompt's g and at the answer rows of those nodes, fit on 4/5 of
+    a run's first n_graphs test graphs, scored on the rest. Returns cfg, rows (their names), acc
+    (len(rows), n_layer, L - 2) and the number of graphs fit and scored."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = (t[:n_graphs] for t in test_graphs(cfg))
+    n_fit = 4 * len(path) // 5
+    _, P, x = model_inputs(cfg, edges, path)
+    with torch.no_grad():  # the stream after each block: the next one's input, then the last's
+        streams = block_inputs(model, x)
+        streams = streams[1:] + [model.blocks[-1](streams[-1])]
+    L, names = cfg.path_len, nf.position_names(cfg.path_len, cfg.reverse)
+    rows = {"g (prompt)": 3 * edges.shape[1] + 1}
+    rows.update({f"predicts {n}": P - 1 + i for i, n in enumerate(names) if n[0] == "n"})
+    X = torch.stack(streams)[:, :, list(rows.values())].permute(2, 0, 1, 3)  # (rows, layers, B, C)
+    labels = [torch.from_numpy(path[:, k]) for k in range(1, L - 1)]  # n1 ... n_{L-2}
+    acc = torch.stack([probe_accuracy(X, y, n_fit) for y in labels], -1)  # (rows, layers, L-2)
+    return cfg, list(rows), acc, (n_fit, len(path) - n_fit)
+
+
+def probe_table(run_dir, n_graphs=5000):
+    """probe as Markdown lines: a row per position, a column per block, n1/n2/... in a cell."""
+    cfg, rows, acc, (n_fit, n_score) = probe(run_dir, n_graphs)
+    lines = ["| stream at | " + " | ".join(f"L{i + 1}" for i in range(cfg.n_layer)) + " |",
+             "|---" * (cfg.n_layer + 1) + "|"]
+    for row, a in zip(rows, acc.tolist()):
+        lines.append(f"| {row} | " + " | ".join("/".join(f"{v:.2f}" for v in cell) for cell in a)
+                     + " |")
+    nodes = "/".join(nf.position_names(cfg.path_len)[1:-1])
+    return lines + ["", f"held-out accuracy of a linear probe for {nodes} on the stream after "
+                    f"block L ({n_fit} test graphs to fit, {n_score} to score)"]
+
+
 def odds_table(run_dirs, target=0.95):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
@@ -473,6 +531,8 @@ def main(argv=None):
                    help="print which edges of the path the positions of this GPT run read")
     p.add_argument("--lens", metavar="RUN_DIR",
                    help="print after which block each answer of this GPT run appears")
+    p.add_argument("--probe", metavar="RUN_DIR",
+                   help="print where in this GPT run a linear probe finds the plan's nodes")
     p.add_argument("--graph", type=int, metavar="K",
                    help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
@@ -480,9 +540,11 @@ def main(argv=None):
     with nf.reported():
         if args.odds:  # a table, not a figure: printed
             return print("\n".join(odds_table(args.odds)))
-        if args.reads or args.lens:  # tables too
-            return print("\n".join(reads_table(args.reads) if args.reads else
-                                   lens_table(args.lens)))
+        tables = [(t, a) for t, a in ((reads_table, args.reads), (lens_table, args.lens),
+                                      (probe_table, args.probe)) if a]
+        if tables:  # tables too, one per call
+            (table, run_dir), *_ = tables
+            return print("\n".join(table(run_dir)))
         if args.graph is not None and not args.attention:  # a choice no figure would use
             raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
         if not args.out:
