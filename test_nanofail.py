@@ -1304,6 +1304,8 @@ def test_attention_figure_is_a_png(gpt_run, tmp_path, capsys):
     assert code == 0 and f"wrote {out}" in stdout and out.read_bytes()[:4] == b"\x89PNG"
     code, _, err = run_figures(argv + ["--example", str(gpt_run)], capsys)
     assert code == 2 and "give one of" in err  # one figure per call
+    code, _, err = run_figures(["--odds", gpt_run, "--reads", gpt_run], capsys)
+    assert code == 2 and "give one of" in err  # one table too
     panel = figures.attention_panel(gpt_run, graph=1)  # a test graph of our choice, not the example
     cfg, _ = figures.read_results(gpt_run)
     _, (edges, path), _ = nf.make_splits(cfg, log=lambda *_: None)

@@ -538,25 +538,22 @@ def main(argv=None):
     p.add_argument("--out", help="the PNG to write")
     args = p.parse_args(argv)
     with nf.reported():
-        if args.odds:  # a table, not a figure: printed
-            return print("\n".join(odds_table(args.odds)))
-        tables = [(t, a) for t, a in ((reads_table, args.reads), (lens_table, args.lens),
-                                      (probe_table, args.probe)) if a]
-        if tables:  # tables too, one per call
-            (table, run_dir), *_ = tables
-            return print("\n".join(table(run_dir)))
-        if args.graph is not None and not args.attention:  # a choice no figure would use
+        attention = functools.partial(plot_attention, graph=args.graph)
+        tables = {odds_table: args.odds, reads_table: args.reads, lens_table: args.lens,
+                  probe_table: args.probe}  # printed
+        drawn = {plot_curves: args.curves, draw_example: args.example, attention: args.attention}
+        chosen = [(make, runs) for make, runs in {**tables, **drawn}.items() if runs]
+        if len(chosen) != 1:  # one figure or table per call: a figure writes its own --out
+            raise nf.UsageError("give one of --curves, --example, --attention (figures, with --out "
+                                "FILE.png) or --odds, --reads, --lens, --probe (tables)")
+        (make, runs), = chosen
+        if args.graph is not None and make is not attention:  # a choice nothing else would use
             raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
+        if make in tables:
+            return print("\n".join(make(runs)))
         if not args.out:
             raise nf.UsageError("--out FILE.png is needed for a figure")
-        attention = functools.partial(plot_attention, graph=args.graph)
-        modes = [(f, a) for f, a in ((plot_curves, args.curves), (draw_example, args.example),
-                                     (attention, args.attention)) if a]
-        if len(modes) != 1:  # one figure per call: each writes its own --out
-            raise nf.UsageError("give one of --curves RUN_DIR ..., --example RUN_DIR, "
-                                "--attention RUN_DIR ... or --odds RUN_DIR ...")
-        (draw, run_dirs), = modes
-        draw(run_dirs, args.out)
+        make(runs, args.out)
 
 
 if __name__ == "__main__":
