@@ -13,8 +13,8 @@ objectives, model, evaluation, training, command line) run in order and only def
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
 from contextlib import contextmanager, nullcontext
-from itertools import islice
 from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import islice
 
 import numpy as np
 import torch
