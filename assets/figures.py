@@ -163,6 +163,13 @@ def block_inputs(model, x):
     return seen
 
 
+def block_outputs(model, x):
+    """The residual stream leaving each block of a GPT for input x (B, T): a list of (B, T, C), each
+    the next block's input, the last one's computed from its own."""
+    streams = block_inputs(model, x)
+    return streams[1:] + [model.blocks[-1](streams[-1])]
+
+
 def attention_probs(block, resid):
     """softmax(q k^T / sqrt(head_size)) of one block under the causal mask, (B, n_head, T, T), and
     its values v (B, n_head, T, head_size). resid: the residual stream entering the block."""
@@ -408,8 +415,7 @@ def lens(run_dir, n_graphs=500):
     cfg, model = load_gpt(run_dir)
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
     seq, P, x = model_inputs(cfg, edges, path)
-    streams = block_inputs(model, x)  # what enters each block; the last block's output next
-    outputs, L = streams[1:] + [model.blocks[-1](streams[-1])], cfg.path_len
+    outputs, L = block_outputs(model, x), cfg.path_len
     answer = torch.from_numpy(seq[:, P:])  # (B, L): rows P-1 .. P+L-2 predict these
     hits = torch.stack([(model.lm_head(model.ln_f(out[:, P - 1:P + L - 1])).argmax(-1) == answer)
                         .float().mean(0) for out in outputs])
@@ -461,9 +467,8 @@ def probe(run_dir, n_graphs=5000):
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
     n_fit = 4 * len(path) // 5
     _, P, x = model_inputs(cfg, edges, path)
-    with torch.no_grad():  # the stream after each block: the next one's input, then the last's
-        streams = block_inputs(model, x)
-        streams = streams[1:] + [model.blocks[-1](streams[-1])]
+    with torch.no_grad():
+        streams = block_outputs(model, x)
     L, names = cfg.path_len, nf.position_names(cfg.path_len, cfg.reverse)
     rows = {"g (prompt)": 3 * edges.shape[1] + 1}
     rows.update({f"predicts {n}": P - 1 + i for i, n in enumerate(names) if n[0] == "n"})
