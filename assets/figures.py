@@ -419,8 +419,8 @@ def lens(run_dir, n_graphs=500):
     answer = torch.from_numpy(seq[:, P:])  # (B, L): rows P-1 .. P+L-2 predict these
     hits = torch.stack([(model.lm_head(model.ln_f(out[:, P - 1:P + L - 1])).argmax(-1) == answer)
                         .float().mean(0) for out in outputs])
-    g = 3 * edges.shape[1] + 1  # the prompt ends / s g =
-    to_g = attention_weights(model, x)[:, :, :, P - 1:, g].mean(0).amax(1)  # (n_layer, L)
+    # the prompt ends / s g =, so g sits at P - 2
+    to_g = attention_weights(model, x)[:, :, :, P - 1:, P - 2].mean(0).amax(1)  # (n_layer, L)
     return cfg, hits, to_g
 
 
@@ -470,7 +470,7 @@ def probe(run_dir, n_graphs=5000):
     with torch.no_grad():
         streams = block_outputs(model, x)
     L, names = cfg.path_len, nf.position_names(cfg.path_len, cfg.reverse)
-    rows = {"g (prompt)": 3 * edges.shape[1] + 1}
+    rows = {"g (prompt)": P - 2}  # the prompt ends / s g =
     rows.update({f"predicts {n}": P - 1 + i for i, n in enumerate(names) if n[0] == "n"})
     X = torch.stack(streams)[:, :, list(rows.values())].permute(2, 0, 1, 3)  # (rows, layers, B, C)
     labels = [torch.from_numpy(path[:, k]) for k in range(1, L - 1)]  # n1 ... n_{L-2}
