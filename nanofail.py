@@ -306,6 +306,7 @@ def verdict(r, cfg):
     if cfg.teacherless:
         names = position_names(cfg.path_len, cfg.reverse)
         have, lack = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (1, 0))
+        lack = lack or f"all of them right at once (exact match {exact:.3f})"  # each > 0.9
         return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
                 f"yet: {lack} (README: where teacherless training wins).")
     if cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse and f[1] < 1.5 / cfg.deg and min(

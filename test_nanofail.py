@@ -700,6 +700,9 @@ def test_teacherless_verdict_names_what_is_planned():
     have, lack = text.split(";")[:2]  # the planned positions, then the ones not yet
     assert set(have.split()) >= {"s", "n3", "g"} and not {"n1", "n2"} & set(have.split())
     assert {"n1", "n2"} <= set(lack.split())
+    r = dict(forced_token_acc=[1.0, 0.95, 0.99, 1.0], test_exact_match=0.945)  # each, not all
+    lack = nf.verdict(r, nf.Config(teacherless=True, path_len=4)).split(";")[1]
+    assert "0.945" in lack and not set(lack.split()) & {"s", "n1", "n2", "g"}
 
 
 @pytest.mark.parametrize("n1", [0.0, 0.3, 0.5, 0.9, 1.0])
