@@ -293,7 +293,8 @@ def explain(edges, path, pred, reverse=False):
     step = dict((v, u) if reverse else (u, v) for u, v in edges)  # the next node: child, or parent
     i, rest = wrong[0], " ".join(names[j] for j in wrong[1:])  # the first slip, the others
     follows = rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:])
-    arm = not reverse and i == 1 and [path[0], pred[1]] in edges  # a child of s, not n1
+    # a child of s, not n1 (in G(d,2) position 1 is g)
+    arm = not reverse and i == 1 < len(path) - 1 and [path[0], pred[1]] in edges
     return ("wrong arm at n1" if arm else f"wrong at {names[i]}") + (
         f", then {rest} along the edges from there" if follows else f", {rest} too" * bool(rest))
 
@@ -308,7 +309,7 @@ def verdict(r, cfg):
         have, lack = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (1, 0))
         lack = lack or f"all of them right at once (exact match {exact:.3f})"  # each > 0.9
         return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
-                f"yet: {lack} (README: where teacherless training wins).")
+                f"yet: {lack} (README, Results: how often it wins).")
     if cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse and f[1] < 1.5 / cfg.deg and min(
             f[2:]) > 0.9:
         return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
@@ -447,7 +448,8 @@ def check_memory(n_graphs, deg, path_len):
     have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if have and need > have:
         raise UsageError(f"{n_graphs:,} graphs of G({deg},{path_len}) need ~{need / 2**30:.0f} GiB,"
-                         f" not {have / 2**30:.0f}: lower --n_train, --n_test or --max_iters")
+                         f" not {have / 2**30:.0f}: lower --n_train, --n_test or --max_iters, or "
+                         "raise --fresh_after")
 
 def fresh_count(cfg):
     """How many new graphs --fresh_after draws: one per training example from that step on."""
@@ -474,9 +476,11 @@ def make_splits(cfg, log=print):
     drawn = ("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test
     check_memory(drawn + fresh_count(cfg), deg, L)  # with --fresh_after's graphs, before step 1
     rng_test, rng_train = map(np.random.default_rng, np.random.SeedSequence(cfg.seed).spawn(2))
-    test = loaded.get("test") or make_graphs(cfg.n_test, deg, L, N, rng_test)
-    train = loaded.get("train") or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
-    if "train" in loaded and not set(prompt_keys(*train)).isdisjoint(prompt_keys(*test)):
+    train = loaded.get("train")  # given alone, the test set is drawn around it
+    test = loaded.get("test") or (fresh_graphs(cfg.n_test, deg, L, N, rng_test, avoid=train)
+                                  if train else make_graphs(cfg.n_test, deg, L, N, rng_test))
+    train = train or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
+    if len(loaded) == 2 and not set(prompt_keys(*train)).isdisjoint(prompt_keys(*test)):
         raise UsageError("--train_file and --test_file share prompts: pass disjoint sets")
     return train, test, dict(task, n_train=len(train[0]), n_test=len(test[0]))
 
@@ -495,7 +499,8 @@ def pick_device(name, threads):
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
         raise UsageError(f"unknown --device {name}: use auto, cpu, cuda, cuda:N or mps")
     device = torch.device(("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name)
-    if (device.type == "cuda" and not cuda) or (device.type == "mps" and not mps):
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
+            device.type == "mps" and not mps):  # no GPU, or not that many
         raise UsageError(f"--device {name} is not available on this machine: use --device auto")
     if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
         busy = 0
@@ -630,7 +635,7 @@ def setup(cfg, device, world, log):
 def train_batches(cfg, step, train_set, test_set, device, log):
     """Each step's global batch (B, P+L) from `step` on: the pool, then from fresh_after on the new
     graphs, each seen once. Each set's batches are drawn from the seed of the step it starts at,
-    and a resumed run skips the ones it trained on: it draws the batches of one uninterrupted run."""
+    and a resumed run skips the ones it trained on: it draws the batches of one unbroken run."""
     while True:
         fresh = 0 < cfg.fresh_after <= step  # past the switch: new graphs
         graphs = unseen_graphs(cfg, test_set) if fresh else train_set
@@ -738,12 +743,12 @@ def train(cfg, log=print):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"nanofail: error: {message} (see python nanofail.py -h)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} -h)\n")
 
 def parse_config(argv=None):
     """Flags -> Config: the flags given, over the preset (or, with --resume, over the checkpoint's
     settings). A resume that changes the model or the task is refused."""
-    p = Parser(description="The Pitfalls of Next-Token Prediction, on path-star graphs.",
+    p = Parser(prog="nanofail.py", description="The Pitfalls of Next-Token Prediction.",
                argument_default=argparse.SUPPRESS)  # flags not given stay out of `given`
     for f in fields(Config):
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else
@@ -755,6 +760,8 @@ def parse_config(argv=None):
     saved = known_knobs(load_checkpoint(given["resume"])["config"])
     clash = [f"--{f.name} {saved[f.name]}" for f in fields(Config)
              if f.metadata.get("fixed") and given.get(f.name, saved[f.name]) != saved[f.name]]
+    if given.get("preset", saved["preset"]) != saved["preset"]:  # its values are the ckpt's now
+        clash.append(f"--preset {saved['preset']}")
     if clash:
         raise UsageError(f"checkpoint {given['resume']} was trained with another model or task: "
                          f"use {' '.join(clash)} or leave those flags out")
@@ -778,8 +785,8 @@ def main(argv=None):
         if not cfg.export_data:
             return train(cfg, log=lambda *a: print(*a, flush=True))  # flushed: a log file follows
         # the splits in the original format, DIR/train.txt and DIR/test.txt
+        train_set, test_set, task = make_splits(replace(cfg, fresh_after=0))  # no new graphs
         claim_folder(cfg.export_data, ("train.txt", "test.txt"), "export_data", cfg.overwrite)
-        train_set, test_set, task = make_splits(cfg)
         for name, graphs in (("train.txt", train_set), ("test.txt", test_set)):
             write_graphs(os.path.join(cfg.export_data, name), *graphs)
         print(f"wrote {task['n_train']} + {task['n_test']} G({task['deg']},{task['path_len']}) "

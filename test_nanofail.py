@@ -217,6 +217,13 @@ def test_export_data_keeps_data_already_in_the_folder(tmp_path, capsys):
     assert code == 0 and len(nf.parse_graphs((tmp_path / "train.txt").read_text())[0]) == 200
 
 
+def test_export_counts_only_the_graphs_it_writes(tmp_path, capsys):
+    # --fresh_after's graphs (here far more than any memory) are for training, not in the export
+    code, _, _ = run_main(["--export_data", tmp_path, "--n_train", "30", "--n_test", "10",
+                           "--fresh_after", "1", "--max_iters", str(10**12)], capsys)
+    assert code == 0 and len(nf.parse_graphs((tmp_path / "train.txt").read_text())[0]) == 30
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ntf-data not present")
 @pytest.mark.parametrize("name,deg,path_len,N,P", [
     ("deg_2_path_5_nodes_50_test_20000.txt", 2, 5, 50, 27),
@@ -277,6 +284,13 @@ def test_one_file_for_training_and_testing_is_refused(tmp_path, capsys):
     f = tmp_path / "g23.txt"
     nf.write_graphs(str(f), *graphs(n=64, deg=2, path_len=3, num_nodes=20))
     usage_error(flags(max_iters=1, train_file=f, test_file=f), capsys, "--test_file")
+
+
+def test_a_training_file_alone_gets_a_test_set_apart_from_it(tmp_path):
+    f = tmp_path / "g23.txt"  # G(2,3) on 5 labels: 5! * 4! = 2,880 prompts, so 600 and 300 meet
+    nf.write_graphs(str(f), *graphs(n=600, deg=2, path_len=3, num_nodes=5))
+    train, test, _ = nf.make_splits(tiny(train_file=str(f), n_test=300), log=lambda *a: None)
+    assert len(test[0]) == 300 and set(nf.prompt_keys(*train)).isdisjoint(nf.prompt_keys(*test))
 
 # ---- encoding and objectives
 
@@ -669,6 +683,7 @@ def test_explain_names_where_the_answer_went_wrong():
     assert nf.explain(edges, path, [7, 8, 2, 5], reverse=True) == "right"
     assert (nf.explain(edges, path, [7, 3, 9, 5], reverse=True)
             == "wrong at n2, then n1 along the edges from there")
+    assert nf.explain([[5, 2], [5, 9]], [5, 2], [5, 9]) == "wrong at g"  # G(2,2): no n1
 
 
 def first_word(r, **cfg):
@@ -1190,6 +1205,14 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
     assert (good / "ckpt.pt").read_bytes() == before
 
 
+def test_resume_with_another_preset_is_refused(tmp_path, capsys):
+    run = tmp_path / "g25"
+    assert run_main(flags(max_iters=2, out_dir=run), capsys)[0] == 0
+    # a preset's values would all be the checkpoint's: refused, not a new name on the old run
+    usage_error(["--resume", run / "ckpt.pt", "--preset", "g23"], capsys, "--preset quick")
+    assert run_main(["--resume", run / "ckpt.pt", "--preset", "quick"], capsys)[0] == 0
+
+
 def test_resume_with_data_of_another_task_is_refused(tmp_path, capsys):
     run = tmp_path / "g25"
     assert run_main(flags(max_iters=2, out_dir=run), capsys)[0] == 0
@@ -1403,6 +1426,15 @@ def test_lens_of_the_last_block_is_the_forced_accuracy(gpt_run, capsys):
     code, stdout, _ = run_figures(["--lens", gpt_run], capsys)  # a header and a row each
     assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == \
         cfg.path_len + 1
+
+
+def test_figures_refuse_what_they_cannot_draw_in_one_line(tmp_path, capsys):
+    run = tmp_path / "g22"  # G(2,2): s and g only, no n1 to probe
+    nf.main(flags(path_len=2, max_iters=2, out_dir=run))
+    for argv in (["--probe", run], ["--bogus"]):
+        code, _, err = run_figures(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "assets/figures.py -h" in err  # the help of the script that was run
 
 
 def test_a_linear_probe_reads_what_the_stream_holds_and_only_that(gpt_run, capsys):

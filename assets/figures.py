@@ -464,6 +464,8 @@ def probe(run_dir, n_graphs=5000):
     a run's first n_graphs test graphs, scored on the rest. Returns cfg, rows (their names), acc
     (len(rows), n_layer, L - 2) and the number of graphs fit and scored."""
     cfg, model = load_gpt(run_dir)
+    if cfg.path_len < 3:
+        raise nf.UsageError(f"{run_dir} is a G({cfg.deg},2) run: no n1 between s and g to probe")
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
     n_fit = 4 * len(path) // 5
     _, P, x = model_inputs(cfg, edges, path)
@@ -523,7 +525,8 @@ def odds_table(run_dirs, target=0.95):
 
 
 def main(argv=None):
-    p = nf.Parser(description="The README's figures, from runs' results.json.")
+    p = nf.Parser(prog="assets/figures.py",
+                  description="The README's figures, from runs' results.json.")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR",
                    help="learning curves of these runs, 3 panels a row")
     p.add_argument("--example", metavar="RUN_DIR",
