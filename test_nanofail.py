@@ -289,8 +289,11 @@ def test_one_file_for_training_and_testing_is_refused(tmp_path, capsys):
 def test_a_training_file_alone_gets_a_test_set_apart_from_it(tmp_path):
     f = tmp_path / "g23.txt"  # G(2,3) on 5 labels: 5! * 4! = 2,880 prompts, so 600 and 300 meet
     nf.write_graphs(str(f), *graphs(n=600, deg=2, path_len=3, num_nodes=5))
-    train, test, _ = nf.make_splits(tiny(train_file=str(f), n_test=300), log=lambda *a: None)
+    cfg = tiny(train_file=str(f), n_test=300, deg=2, path_len=3, num_nodes=5)  # as the run saves it
+    train, test, _ = nf.make_splits(cfg, log=lambda *a: None)
     assert len(test[0]) == 300 and set(nf.prompt_keys(*train)).isdisjoint(nf.prompt_keys(*test))
+    again = figures.test_graphs(cfg)  # what the figures score: the same graphs
+    assert all(np.array_equal(a, b) for a, b in zip(test, again))
 
 # ---- encoding and objectives
 

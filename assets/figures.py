@@ -277,8 +277,10 @@ def test_graphs(cfg):
     """A run's test graphs, drawn again from its seed or read from its --test_file: edges (n, E, 2),
     path (n, L)."""
     # the test set is drawn before the training set, so one training graph leaves it as it was and
-    # spares drawing (or reading) the run's whole pool
-    alone = nf.replace(cfg, n_train=1, fresh_after=0, train_file="")
+    # spares drawing the run's whole pool; a training file given alone is read: the test set was
+    # drawn apart from it
+    given = cfg.train_file if not cfg.test_file else ""
+    alone = nf.replace(cfg, n_train=1, fresh_after=0, train_file=given)
     return nf.make_splits(alone, log=lambda *_: None)[1]
 
 
