@@ -198,7 +198,7 @@ def test_text_format_round_trip(tmp_path):
 def test_export_data_writes_both_files(tmp_path, capsys):
     code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"],
                             capsys)
-    assert code == 0 and "300" in out and "30" in out
+    assert code == 0 and re.search(r"\b300\b.*\b30\b", out)  # the sizes written, in order
     tr, te = (nf.parse_graphs((tmp_path / name).read_text()) for name in ("train.txt", "test.txt"))
     (tr_e, tr_p), (te_e, te_p), _ = nf.make_splits(nf.Config(n_train=300, n_test=30))
     assert np.array_equal(tr[0], tr_e) and np.array_equal(tr[1], tr_p)
@@ -632,8 +632,9 @@ def test_nanofail_trains_mamba(tmp_path, capsys, objective):
                                 out_dir=tmp_path, **objective), capsys)
     res = json.load(open(tmp_path / "results.json"))
     assert code == 0 and res["config"]["model"] == "mamba" and res["final"]["step"] == 30
-    assert (res["history"][-1]["train_loss"] < math.log(54)
-            and 0 <= res["final"]["test_exact_match"] <= 1)
+    assert res["history"][-1]["train_loss"] < math.log(54)
+    # the first answer token (s, or g reversed) is in the prompt: a model that reads it beats 1/50
+    assert res["final"]["forced_token_acc"][0] > 0.2
 
 # ---- evaluation
 
@@ -760,6 +761,8 @@ def test_lr_schedule():
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert (all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
             and nf.lr_at(100, cfg) == pytest.approx(1e-4))
+    # a third of the way down the cosine (a straight line would give 7e-4)
+    assert nf.lr_at(40, cfg) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi / 3)) / 2)
 
 
 def test_min_lr_frac_one_is_a_constant_lr_after_warmup():
@@ -770,12 +773,14 @@ def test_min_lr_frac_one_is_a_constant_lr_after_warmup():
 
 def test_weight_decay_groups():
     model = nf.GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=32, n_head=2)
-    model.ln_f.weight._no_weight_decay = True  # the flag Mamba sets on A_log and D
+    flagged = model.blocks[0].qkv.weight  # a matrix: only the flag keeps it out of the decay
+    flagged._no_weight_decay = True  # the flag Mamba sets on A_log and D
     cfg = tiny(weight_decay=0.3, beta2=0.99)
     opt = nf.make_optimizer(model, cfg, torch.device("cpu"))
     decay, rest = opt.param_groups
-    assert (all(p.dim() == 2 for p in decay["params"])
-            and any(p is model.ln_f.weight for p in rest["params"]))
+    matrices = {id(p) for p in model.parameters() if p.dim() == 2} - {id(flagged)}
+    assert matrices and {id(p) for p in decay["params"]} == matrices
+    assert any(p is flagged for p in rest["params"])
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
     assert (decay["weight_decay"], rest["weight_decay"]) == (0.3, 0.0)
     assert decay["betas"] == rest["betas"] == (0.9, 0.99)
@@ -890,8 +895,9 @@ def test_max_iters_zero_evaluates_the_untrained_model(capsys):
     assert evaluations(stdout) == 1
 
 
-def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys):
-    kw = dict(n_train=64, n_test=16, batch_size=16, min_lr_frac=1)
+def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys,
+                                                                            monkeypatch):
+    kw = dict(n_train=48, n_test=16, batch_size=16, min_lr_frac=1)  # 48 in the pool, 64 new
     weights = lambda run: torch.load(tmp_path / run / "ckpt.pt",  # noqa: E731
                                      weights_only=True)["model"]
     code, stdout, _ = run_main(flags(max_iters=10, fresh_after=6, out_dir=tmp_path / "one", **kw),
@@ -907,11 +913,19 @@ def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     # the new graphs were trained on
     assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)
-    cfg = nf.Config(n_train=64, n_test=16, batch_size=16, max_iters=10, fresh_after=6)
-    train, test, _ = nf.make_splits(cfg)
+    cfg = tiny(max_iters=10, fresh_after=6, **kw)
+    train, test, _ = nf.make_splits(cfg, log=lambda *a: None)
     new = nf.unseen_graphs(cfg, test)
     assert len(new[0]) == 64 and not (set(nf.prompt_keys(*new))
                                       & set(nf.prompt_keys(*train) + nf.prompt_keys(*test)))
+    # steps 7-10 trained on exactly those graphs, each once
+    batches, real_loss = [], nf.answer_loss
+    monkeypatch.setattr(nf, "answer_loss", lambda model, seq, *a, **k: (
+        batches.append(seq.clone()), real_loss(model, seq, *a, **k))[1])
+    nf.train(cfg, log=None)
+    rows = lambda seq: sorted(r.tobytes() for r in np.asarray(seq))  # noqa: E731
+    assert len(batches) == 10
+    assert rows(torch.cat(batches[6:])) == rows(nf.encode(*new, cfg.num_nodes)[0])
 
 
 @pytest.mark.parametrize("saved_at", [3, 6])  # in the pool's first epoch; past the switch at 5
@@ -1389,13 +1403,15 @@ def test_expected_reads_box_the_lookup_edges():
     assert figures.box_weight(w, teacherless, 1).tolist() == [0.0, 0.0, 0.0]
 
 
-def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
-    cfg, on, off = figures.edge_reads(gpt_run, n_graphs=2)
+def test_edge_reads_average_the_attention_on_each_arm(tmp_path, capsys):
+    run, n = tmp_path / "g35", 3  # three arms: two to average off the path; three graphs
+    nf.main(flags(n_layer=2, deg=3, max_iters=1, device="cpu", out_dir=run))
+    cfg, on, off = figures.edge_reads(run, n_graphs=n)
     L, E = cfg.path_len, cfg.deg * (cfg.path_len - 1)
     assert on.shape == off.shape == (cfg.n_layer, cfg.n_head, L + 2, L - 1)
-    model = figures.load_gpt(gpt_run)[1]
+    model = figures.load_gpt(run)[1]
     want_on, want_off = torch.zeros_like(on), torch.zeros_like(off)
-    for k in range(2):  # the same means, from each graph's own map, walking its arms by hand
+    for k in range(n):  # the same means, from each graph's own map, walking its arms by hand
         edges, path = figures.test_graph(cfg, k)
         x = figures.model_inputs(cfg, edges, path)[2]
         w = figures.attention_weights(model, x)[0, :, :, 3 * E:]  # rows from s on
@@ -1405,7 +1421,7 @@ def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
                 continue
             to_g = v == path[0, 1]  # this arm leads to g
             for depth in range(L - 1):
-                read = w[..., 3 * j:3 * j + 2].sum(-1) / 2  # edge j's u v, a mean of two graphs
+                read = w[..., 3 * j:3 * j + 2].sum(-1) / n  # edge j's u and v, a mean over graphs
                 if to_g:
                     want_on[..., depth] += read
                 else:
@@ -1413,7 +1429,7 @@ def test_edge_reads_average_the_attention_on_each_arm(gpt_run, capsys):
                 j, v = out_of.get(v, (None, None))  # the arm's next edge
     torch.testing.assert_close(on, want_on)
     torch.testing.assert_close(off, want_off)
-    code, stdout, _ = run_figures(["--reads", gpt_run], capsys)  # a header and a row each
+    code, stdout, _ = run_figures(["--reads", run], capsys)  # a header and a row each
     assert code == 0 and len([ln for ln in stdout.splitlines() if ln.startswith("| ")]) == L + 3
 
 
