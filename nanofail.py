@@ -743,7 +743,7 @@ def train(cfg, log=print):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} -h)\n")
+        self.exit(2, f"nanofail: error: {message} (see python {self.prog} -h)\n")
 
 def parse_config(argv=None):
     """Flags -> Config: the flags given, over the preset (or, with --resume, over the checkpoint's
