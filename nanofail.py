@@ -406,7 +406,8 @@ class Config:
     export_data: str = knob("", "write DIR/train.txt and DIR/test.txt, then exit")
     train_file: str = knob("", "training graphs from this file (original text format)")
     test_file: str = knob("", "test graphs from this file (original text format)")
-    preset: str = knob("quick", "overrides of the defaults (README)", choices=tuple(PRESETS))
+    preset: str = knob("quick", "overrides of the defaults (README)", choices=tuple(PRESETS),
+                       fixed=True)  # on resume its values are the checkpoint's: no new name
 
     def __init__(self, preset="quick", **given):
         # The defaults above, then the preset's values for this model, then the values given: so
@@ -760,8 +761,6 @@ def parse_config(argv=None):
     saved = known_knobs(load_checkpoint(given["resume"])["config"])
     clash = [f"--{f.name} {saved[f.name]}" for f in fields(Config)
              if f.metadata.get("fixed") and given.get(f.name, saved[f.name]) != saved[f.name]]
-    if given.get("preset", saved["preset"]) != saved["preset"]:  # its values are the ckpt's now
-        clash.append(f"--preset {saved['preset']}")
     if clash:
         raise UsageError(f"checkpoint {given['resume']} was trained with another model or task: "
                          f"use {' '.join(clash)} or leave those flags out")
