@@ -1372,15 +1372,16 @@ def test_attention_rows_are_causal_distributions(gpt_run):
 def test_attention_weights_reproduce_each_blocks_attention(gpt_run):
     model, x = example_inputs(gpt_run)
     with torch.no_grad():
-        streams = figures.block_inputs(model, x)
-        assert len(streams) == 2
+        streams = figures.residual_streams(model, x)
+        assert len(streams) == 3  # into block 1, into block 2, out of block 2
         for i, (block, resid) in enumerate(zip(model.blocks, streams)):
             # weights @ v, heads merged, projected: what F.scaled_dot_product_attention gave
             own = block.attn(block.ln_1(resid))
             torch.testing.assert_close(figures.attention_output(block, resid), own)
-            if i + 1 < len(streams):  # the hook saw the real residual stream: block i's output
-                torch.testing.assert_close(block(resid), streams[i + 1])
-        assert not model.blocks[0]._forward_pre_hooks  # no hook left behind
+            # the hooks saw the real residual stream: block i's output
+            torch.testing.assert_close(block(resid), streams[i + 1])
+        torch.testing.assert_close(model.lm_head(model.ln_f(streams[-1])), model(x))
+        assert not model.blocks[0]._forward_pre_hooks and not model.ln_f._forward_pre_hooks
 
 
 def test_expected_reads_box_the_lookup_edges():

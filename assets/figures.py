@@ -150,24 +150,18 @@ def draw_example(run_dir, out_path):
 # Which prompt tokens each answer position reads: the softmax weights of every GPT layer, recomputed
 # from the blocks' own modules (the model runs them fused, in F.scaled_dot_product_attention).
 
-def block_inputs(model, x):
-    """The residual stream entering each block of a GPT for input x (B, T): a list of (B, T, C)."""
+def residual_streams(model, x):
+    """The residual stream of a GPT for input x (B, T): n_layer + 1 tensors (B, T, C), the one
+    entering each block, then the last block's output (what enters ln_f)."""
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-             for b in model.blocks]
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+             for m in [*model.blocks, model.ln_f]]
     try:  # a hook left behind would go on collecting at every later forward pass
         model(x)
     finally:
         for h in hooks:
             h.remove()
     return seen
-
-
-def block_outputs(model, x):
-    """The residual stream leaving each block of a GPT for input x (B, T): a list of (B, T, C), each
-    the next block's input, the last one's computed from its own."""
-    streams = block_inputs(model, x)
-    return streams[1:] + [model.blocks[-1](streams[-1])]
 
 
 def attention_probs(block, resid):
@@ -198,7 +192,7 @@ def attention_weights(model, x):
     block's own attention output."""
     model.float().eval()  # the weights inference uses; float32, which the check's tolerance assumes
     weights = []
-    for block, resid in zip(model.blocks, block_inputs(model, x)):
+    for block, resid in zip(model.blocks, residual_streams(model, x)):
         # a Block changed in nanofail.py (a bias, rotary positions...) must not draw a wrong map
         own = block.attn(block.ln_1(resid))
         if not torch.allclose(attention_output(block, resid), own, atol=1e-5):
@@ -417,7 +411,7 @@ def lens(run_dir, n_graphs=500):
     cfg, model = load_gpt(run_dir)
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
     seq, P, x = model_inputs(cfg, edges, path)
-    outputs, L = block_outputs(model, x), cfg.path_len
+    outputs, L = residual_streams(model, x)[1:], cfg.path_len
     answer = torch.from_numpy(seq[:, P:])  # (B, L): rows P-1 .. P+L-2 predict these
     hits = torch.stack([(model.lm_head(model.ln_f(out[:, P - 1:P + L - 1])).argmax(-1) == answer)
                         .float().mean(0) for out in outputs])
@@ -472,7 +466,7 @@ def probe(run_dir, n_graphs=5000):
     n_fit = 4 * len(path) // 5
     _, P, x = model_inputs(cfg, edges, path)
     with torch.no_grad():
-        streams = block_outputs(model, x)
+        streams = residual_streams(model, x)[1:]  # after each block
     L, names = cfg.path_len, nf.position_names(cfg.path_len, cfg.reverse)
     rows = {"g (prompt)": P - 2}  # the prompt ends / s g =
     rows.update({f"predicts {n}": P - 1 + i for i, n in enumerate(names) if n[0] == "n"})
