@@ -163,9 +163,11 @@ def write_graphs(filename, edges, path):
 #     input x         ... /  s  g  =  $  $  $  $             teacherless: nothing to copy
 #     target y        -1 ......... -1 s  n1 n2 n3 g          the loss reads the last L positions
 
-def make_inputs(seq, prompt_len, teacherless, num_nodes):
+def make_inputs(seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """seq (B, P+L) -> model input x (B, P+L-1). Position P-1 ('=') predicts the first answer
-    token, position P+i the answer token i+1."""
+    token, position P+i the answer token i+1. A hybrid batch keeps its first n_forced rows
+    teacher-forced: they train the edge lookup that the teacherless rows chain (Nagarajan et al.
+    2025, Sec. 3)."""
     x = seq[:, :-1]  # the last token is only a target
     if teacherless:
         # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup, and n1 is left
@@ -173,17 +175,17 @@ def make_inputs(seq, prompt_len, teacherless, num_nodes):
         # With '$' in place of every answer input there is nothing to copy: the model must plan the
         # whole path from the prompt (teacherless training, paper Sec. 5).
         x = x.clone()  # seq keeps the true answer: the targets
-        x[:, prompt_len:] = tok(num_nodes)["dollar"]
+        x[n_forced:, prompt_len:] = tok(num_nodes)["dollar"]
     return x
 
-def answer_logits(model, seq, prompt_len, teacherless, num_nodes):
+def answer_logits(model, seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """Logits of the L answer positions (B, L, vocab), with the objective's inputs."""
-    x = make_inputs(seq, prompt_len, teacherless, num_nodes)  # (B, P+L-1)
+    x = make_inputs(seq, prompt_len, teacherless, num_nodes, n_forced)  # (B, P+L-1)
     return model(x, n_out=seq.shape[1] - prompt_len).float()
 
-def answer_loss(model, seq, prompt_len, teacherless, num_nodes):
+def answer_loss(model, seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """Cross-entropy on the answer tokens only: the prompt is given, not predicted."""
-    logits = answer_logits(model, seq, prompt_len, teacherless, num_nodes)  # (B, L, vocab)
+    logits = answer_logits(model, seq, prompt_len, teacherless, num_nodes, n_forced)  # (B,L,V)
     return F.cross_entropy(logits.flatten(0, 1), seq[:, prompt_len:].flatten())
 
 # %% model: a compact GPT (Mamba lives in mamba_min.py, with the same interface)
@@ -372,6 +374,8 @@ class Config:
     n_test: int = knob(1_000, "test graphs", min=1)
     reverse: bool = knob(False, "target the reversed path g..s (each step is a parent lookup)")
     teacherless: bool = knob(False, "replace the answer inputs by '$': plan the whole answer")
+    hybrid: float = knob(0.0, "with --teacherless: this fraction of each batch is next-token",
+                         min=0, max=1)
     # model
     model: str = knob("gpt", "gpt or mamba", choices=("gpt", "mamba"), fixed=True)
     n_layer: int = knob(4, "layers", min=1, fixed=True)
@@ -704,7 +708,7 @@ def train(cfg, log=print):
                 torch.compiler.cudagraph_mark_step_begin()
             # forward, backward, clip, step
             with amp():
-                loss = answer_loss(model, seq, P, cfg.teacherless, N)
+                loss = answer_loss(model, seq, P, cfg.teacherless, N, round(cfg.hybrid * len(seq)))
             opt.zero_grad(set_to_none=True)  # no stale gradients from the last step
             loss.backward()
             if cfg.grad_clip:

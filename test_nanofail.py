@@ -335,10 +335,10 @@ def test_teacherless_inputs_and_answer_positions():
     assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
 
 
-@pytest.mark.parametrize("teacherless", [False, True])
-def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless):
+@pytest.mark.parametrize("teacherless, hybrid", [(False, 0), (True, 0), (True, 0.5)])
+def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless, hybrid):
     """What the model is given in training steps: the prompt, then '$' (teacherless) or the true
-    answer prefix (next-token)."""
+    answer prefix (next-token); a hybrid batch gives the prefix to its first rows only."""
     given, batches = [], []
     real_build, real_loss = nf.build_model, nf.answer_loss
 
@@ -353,17 +353,17 @@ def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless):
         return real_loss(model, seq, *args, **kwargs)
     monkeypatch.setattr(nf, "build_model", build)
     monkeypatch.setattr(nf, "answer_loss", loss)
-    cfg = tiny(max_iters=2, teacherless=teacherless)
+    cfg = tiny(max_iters=2, teacherless=teacherless, hybrid=hybrid)
     nf.train(cfg, log=None)
     P, dollar = 3 * cfg.deg * (cfg.path_len - 1) + 3, nf.tok(cfg.num_nodes)["dollar"]
-    assert len(given) == len(batches) == 2
+    forced = round(hybrid * cfg.batch_size) if teacherless else cfg.batch_size
+    assert len(given) == len(batches) == 2 and (0 < forced < cfg.batch_size or hybrid == 0)
     for x, seq in zip(given, batches):
         assert (x.shape == (cfg.batch_size, P + cfg.path_len - 1)
                 and torch.equal(x[:, :P], seq[:, :P]))
-        if teacherless:
-            assert (x[:, P:] == dollar).all()
-        else:
-            assert torch.equal(x[:, P:], seq[:, P:-1]) and not (x[:, P:] == dollar).any()
+        assert (x[forced:, P:] == dollar).all()  # teacherless rows: nothing to copy
+        assert (torch.equal(x[:forced, P:], seq[:forced, P:-1])  # next-token rows: the prefix
+                and not (x[:forced, P:] == dollar).any())
 
 # ---- model
 
