@@ -376,6 +376,7 @@ class Config:
     teacherless: bool = knob(False, "replace the answer inputs by '$': plan the whole answer")
     hybrid: float = knob(0.0, "with --teacherless: this fraction of each batch is next-token",
                          min=0, max=1)
+    hybrid_until: int = knob(0, "the --hybrid rows stop at this step (0: never)", min=0)
     # model
     model: str = knob("gpt", "gpt or mamba", choices=("gpt", "mamba"), fixed=True)
     n_layer: int = knob(4, "layers", min=1, fixed=True)
@@ -708,7 +709,8 @@ def train(cfg, log=print):
                 torch.compiler.cudagraph_mark_step_begin()
             # forward, backward, clip, step
             with amp():
-                loss = answer_loss(model, seq, P, cfg.teacherless, N, round(cfg.hybrid * len(seq)))
+                hybrid = cfg.hybrid if step < cfg.hybrid_until or not cfg.hybrid_until else 0
+                loss = answer_loss(model, seq, P, cfg.teacherless, N, round(hybrid * len(seq)))
             opt.zero_grad(set_to_none=True)  # no stale gradients from the last step
             loss.backward()
             if cfg.grad_clip:

@@ -335,10 +335,12 @@ def test_teacherless_inputs_and_answer_positions():
     assert logits.shape == (3, 5, 19) and logits[0].argmax(-1).tolist() == [14, 15, 16, 17, 18]
 
 
-@pytest.mark.parametrize("teacherless, hybrid", [(False, 0), (True, 0), (True, 0.5)])
-def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless, hybrid):
+@pytest.mark.parametrize("teacherless, hybrid, until",
+                         [(False, 0, 0), (True, 0, 0), (True, 0.5, 0), (True, 0.5, 1)])
+def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless, hybrid, until):
     """What the model is given in training steps: the prompt, then '$' (teacherless) or the true
-    answer prefix (next-token); a hybrid batch gives the prefix to its first rows only."""
+    answer prefix (next-token); a hybrid batch gives the prefix to its first rows only, and with
+    --hybrid_until only in the steps before it."""
     given, batches = [], []
     real_build, real_loss = nf.build_model, nf.answer_loss
 
@@ -353,12 +355,13 @@ def test_training_feeds_the_objectives_inputs(monkeypatch, teacherless, hybrid):
         return real_loss(model, seq, *args, **kwargs)
     monkeypatch.setattr(nf, "build_model", build)
     monkeypatch.setattr(nf, "answer_loss", loss)
-    cfg = tiny(max_iters=2, teacherless=teacherless, hybrid=hybrid)
+    cfg = tiny(max_iters=2, teacherless=teacherless, hybrid=hybrid, hybrid_until=until)
     nf.train(cfg, log=None)
     P, dollar = 3 * cfg.deg * (cfg.path_len - 1) + 3, nf.tok(cfg.num_nodes)["dollar"]
     forced = round(hybrid * cfg.batch_size) if teacherless else cfg.batch_size
     assert len(given) == len(batches) == 2 and (0 < forced < cfg.batch_size or hybrid == 0)
-    for x, seq in zip(given, batches):
+    for step, (x, seq) in enumerate(zip(given, batches)):
+        forced = 0 if until and step >= until else forced  # past --hybrid_until: all teacherless
         assert (x.shape == (cfg.batch_size, P + cfg.path_len - 1)
                 and torch.equal(x[:, :P], seq[:, :P]))
         assert (x[forced:, P:] == dollar).all()  # teacherless rows: nothing to copy
