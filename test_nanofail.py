@@ -1304,13 +1304,15 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8,
                     resume="runs/rev/ckpt.pt", out_dir="runs/tl")
     assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, "
-                                        "50,000 graphs\nlr 0.001 constant, weight decay 0.1\n"
-                                        "started from runs/rev")
+                                        "50,000 graphs\nlr 0.001 constant, betas 0.9/0.95, "
+                                        "weight decay 0.1\nstarted from runs/rev")
     cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
     assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), seed 2\n")
     cfg.fresh_after = 6000
     assert figures.panel_title(cfg).endswith("weight decay 0.1\nnew graphs from step 6,000")
+    cfg.hybrid, cfg.hybrid_until = 0.25, 2000  # the hybrid batch shapes the curve too
+    assert "0.25 of each batch next-token to step 2,000\n" in figures.panel_title(cfg)
 
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
@@ -1410,6 +1412,28 @@ def test_expected_reads_box_the_lookup_edges():
     w[0, 12], w[1, 4] = 0.5, 1.0
     assert figures.box_weight(w, teacherless, 0).tolist() == [0.5, 1.0, 0.0]
     assert figures.box_weight(w, teacherless, 1).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_depth_and_arm_walk_each_arm_from_s():
+    # s = 5, arms 5-2-8 and 5-9-3; labels 0..9, four of them not in the graph
+    edges, path = nf.parse_graphs("5,2|2,8|5,9|9,3/5,8=5,2,8")
+    depth, arm = figures.depth_and_arm(edges, path, 10)
+    assert depth[0].tolist() == [-1, -1, 1, 2, -1, 0, -1, -1, 2, 1]
+    assert arm[0].tolist() == [-1, -1, 2, 9, -1, -1, -1, -1, 2, 9]
+
+
+def test_arm_choice_counts_the_forced_predictions(gpt_run, capsys):
+    cfg, at_depth, right, one_arm, n = figures.arm_choice(gpt_run, n_graphs=20)
+    _, model = figures.load_gpt(gpt_run)
+    edges, path = (t[:20] for t in figures.test_graphs(cfg))
+    forced = nf.evaluate(model, edges, path, cfg.num_nodes)["forced_token_acc"]
+    # the right node is what forced accuracy counts, and a right node is as far from s as it
+    assert n == 20 and np.allclose(right, forced) and (at_depth >= right).all()
+    assert 0 <= one_arm <= 1
+    code, out, _ = run_figures(["--arms", str(gpt_run)], capsys)
+    _, at_depth, right, _, _ = figures.arm_choice(gpt_run)  # the table's: all the test graphs
+    printed = [float(v) for line in out.splitlines()[2:4] for v in line.split("|")[2:-1]]
+    assert code == 0 and np.allclose(printed, np.concatenate([at_depth, right]), atol=5e-4)
 
 
 def test_edge_reads_average_the_attention_on_each_arm(tmp_path, capsys):

@@ -70,7 +70,10 @@ def panel_title(cfg):
     lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, "
-             f"weight decay {cfg.weight_decay:g}"]
+             f"betas 0.9/{cfg.beta2:g}, weight decay {cfg.weight_decay:g}"]
+    if cfg.teacherless and cfg.hybrid:
+        until = f" to step {cfg.hybrid_until:,}" if cfg.hybrid_until else ""
+        lines.append(f"{cfg.hybrid:g} of each batch next-token{until}")
     if cfg.fresh_after:
         lines.append(f"new graphs from step {cfg.fresh_after:,}")
     # compared with out_dir, so that a copied results.json reads the same
@@ -353,6 +356,21 @@ def plot_attention(run_dirs, out_path, graph=None):
     save(fig, out_path)
 
 
+def depth_and_arm(edges, path, n_labels):
+    """Of every label of each graph, edges (B, E, 2), path (B, L): its depth (s 0, its children 1,
+    ...) and its arm (the child of s it hangs from); -1 for labels not in the graph and for s's
+    arm. Two (B, n_labels) arrays."""
+    B, L = path.shape
+    depth, arm = np.full((B, n_labels), -1), np.full((B, n_labels), -1)
+    depth[np.arange(B), path[:, 0]] = 0
+    u, v = edges[..., 0], edges[..., 1]
+    for _ in range(L - 1):  # an arm is L - 1 edges long: its end is reached in as many sweeps
+        du, au = np.take_along_axis(depth, u, 1), np.take_along_axis(arm, u, 1)
+        np.put_along_axis(depth, v, np.where(du >= 0, du + 1, -1), 1)
+        np.put_along_axis(arm, v, np.where(du == 0, v, au), 1)  # a child of s starts its arm
+    return depth, arm
+
+
 def edge_reads(run_dir, n_graphs=500):
     """How much each position after the edge list reads each edge of the path, over a run's first
     n_graphs test graphs. Rows r: s and g of the prompt, then the answer rows (L + 2 in all);
@@ -365,11 +383,7 @@ def edge_reads(run_dir, n_graphs=500):
     (B, E, _), L = edges.shape, cfg.path_len
     # rows from s (token 3E) on; columns: edge j's u v at 3j, 3j+1 (3j+2 is its '|')
     w = attention_weights(model, x)[..., 3 * E:, :3 * E].unflatten(-1, (E, 3))[..., :2].sum(-1)
-    depth = np.full((B, cfg.num_nodes), -1)  # of each node: s 0, its children 1, ...
-    depth[np.arange(B), path[:, 0]] = 0
-    for _ in range(L - 1):  # an arm is L - 1 edges long: its end is reached in as many sweeps
-        du = np.take_along_axis(depth, edges[..., 0], 1)
-        np.put_along_axis(depth, edges[..., 1], np.where(du >= 0, du + 1, -1), 1)
+    depth = depth_and_arm(edges, path, cfg.num_nodes)[0]
     links = np.stack([path[:, :-1], path[:, 1:]], -1)  # (B, L-1, 2): e_0 ... e_{L-2}
     is_link = (edges[:, None] == links[:, :, None]).all(-1)  # (B, L-1, E)
     at_depth = np.take_along_axis(depth, edges[..., 0], 1)[:, None] == np.arange(L - 1)[:, None]
@@ -399,6 +413,36 @@ def reads_table(run_dir, n_graphs=500):
     return lines + ["", f"mean attention weight on each edge of the path over {n_graphs} test "
                     "graphs, in the head (L layer, H head) that reads it most beyond the edge at "
                     "its depth on another arm (in brackets)"]
+
+
+@torch.no_grad()
+def arm_choice(run_dir, n_graphs=2000):
+    """Which nodes a run's answers name, over its first n_graphs test graphs, with its objective's
+    inputs (as forced accuracy has them). Returns cfg; per answer position, how often the named
+    node is as far from s as the answer (any arm) and how often it is the answer; and how often
+    n1 ... n_{L-2} all lie on one arm, right or wrong (a plan picks an arm once); the number of
+    graphs."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = (t[:n_graphs] for t in test_graphs(cfg))
+    seq, P, x = model_inputs(cfg, edges, path)
+    L = cfg.path_len
+    pred = model(x, n_out=L).argmax(-1).numpy()  # rows P-1 ... P+L-2 name the answer
+    depth, arm = depth_and_arm(edges, path, cfg.num_nodes + 4)  # any token: | = / $ have none
+    d, a = np.take_along_axis(depth, pred, 1), np.take_along_axis(arm, pred, 1)
+    want = np.arange(L)[::-1] if cfg.reverse else np.arange(L)  # each position's depth
+    inner = want[(want > 0) & (want < L - 1)]  # the columns of n1 ... n_{L-2}
+    one_arm = (d[:, inner] == want[inner]).all(1) & (a[:, inner] == a[:, inner[:1]]).all(1)
+    return cfg, (d == want).mean(0), (pred == seq[:, P:]).mean(0), one_arm.mean(), len(path)
+
+
+def arms_table(run_dir, n_graphs=2000):
+    """arm_choice as Markdown lines: a column per answer position."""
+    cfg, at_depth, right, one_arm, n = arm_choice(run_dir, n_graphs)
+    names = nf.position_names(cfg.path_len, cfg.reverse)
+    return ["| answer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+            "| as far from s (any arm) | " + " | ".join(f"{v:.3f}" for v in at_depth) + " |",
+            "| the answer | " + " | ".join(f"{v:.3f}" for v in right) + " |", "",
+            f"over {n} test graphs; {' '.join(names[1:-1])} all on one arm: {one_arm:.3f}"]
 
 
 @torch.no_grad()
@@ -535,6 +579,9 @@ def main(argv=None):
                    help="print which edges of the path the positions of this GPT run read")
     p.add_argument("--lens", metavar="RUN_DIR",
                    help="print after which block each answer of this GPT run appears")
+    p.add_argument("--arms", metavar="RUN_DIR",
+                   help="print how often this GPT run's answers name a node at the right depth, "
+                   "and on one arm")
     p.add_argument("--probe", metavar="RUN_DIR",
                    help="print where in this GPT run a linear probe finds the plan's nodes")
     p.add_argument("--graph", type=int, metavar="K",
@@ -544,12 +591,12 @@ def main(argv=None):
     with nf.reported():
         attention = functools.partial(plot_attention, graph=args.graph)
         tables = {odds_table: args.odds, reads_table: args.reads, lens_table: args.lens,
-                  probe_table: args.probe}  # printed
+                  probe_table: args.probe, arms_table: args.arms}  # printed
         drawn = {plot_curves: args.curves, draw_example: args.example, attention: args.attention}
         chosen = [(make, runs) for make, runs in {**tables, **drawn}.items() if runs]
         if len(chosen) != 1:  # one figure or table per call: a figure writes its own --out
             raise nf.UsageError("give one of --curves, --example, --attention (figures, with --out "
-                                "FILE.png) or --odds, --reads, --lens, --probe (tables)")
+                                "FILE.png) or --odds, --reads, --lens, --probe, --arms (tables)")
         (make, runs), = chosen
         if args.graph is not None and make is not attention:  # a choice nothing else would use
             raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
