@@ -1304,15 +1304,16 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8,
                     resume="runs/rev/ckpt.pt", out_dir="runs/tl")
     assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, "
-                                        "50,000 graphs\nlr 0.001 constant, betas 0.9/0.95, "
-                                        "weight decay 0.1\nstarted from runs/rev")
+                                        "50,000 graphs\nlr 0.001 constant, weight decay 0.1\n"
+                                        "started from runs/rev")
     cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
     assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), seed 2\n")
     cfg.fresh_after = 6000
     assert figures.panel_title(cfg).endswith("weight decay 0.1\nnew graphs from step 6,000")
-    cfg.hybrid, cfg.hybrid_until = 0.25, 2000  # the hybrid batch shapes the curve too
+    cfg.hybrid, cfg.hybrid_until, cfg.beta2 = 0.25, 2000, 0.999  # these shape the curve too
     assert "0.25 of each batch next-token to step 2,000\n" in figures.panel_title(cfg)
+    assert "weight decay 0.1, beta2 0.999\n" in figures.panel_title(cfg)
 
 
 def test_figures_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):

@@ -70,7 +70,9 @@ def panel_title(cfg):
     lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, "
-             f"betas 0.9/{cfg.beta2:g}, weight decay {cfg.weight_decay:g}"]
+             f"weight decay {cfg.weight_decay:g}"]
+    if cfg.beta2 != preset.beta2:  # AdamW's second moment, as the original code had it
+        lines[-1] += f", beta2 {cfg.beta2:g}"
     if cfg.teacherless and cfg.hybrid:
         until = f" to step {cfg.hybrid_until:,}" if cfg.hybrid_until else ""
         lines.append(f"{cfg.hybrid:g} of each batch next-token{until}")
