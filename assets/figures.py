@@ -426,9 +426,11 @@ def arm_choice(run_dir, n_graphs=2000):
     graphs."""
     cfg, model = load_gpt(run_dir)
     edges, path = (t[:n_graphs] for t in test_graphs(cfg))
-    seq, P, x = model_inputs(cfg, edges, path)
+    seq, P = nf.encode(edges, path, cfg.num_nodes, cfg.reverse)
     L = cfg.path_len
-    pred = model(x, n_out=L).argmax(-1).numpy()  # rows P-1 ... P+L-2 name the answer
+    # the forced pass evaluate() scores: the answer rows, with the objective's inputs
+    pred = nf.answer_logits(model, torch.from_numpy(seq), P, cfg.teacherless,
+                            cfg.num_nodes).argmax(-1).numpy()
     depth, arm = depth_and_arm(edges, path, cfg.num_nodes + 4)  # any token: | = / $ have none
     d, a = np.take_along_axis(depth, pred, 1), np.take_along_axis(arm, pred, 1)
     want = np.arange(L)[::-1] if cfg.reverse else np.arange(L)  # each position's depth
