@@ -344,6 +344,7 @@ PRESETS = {
                 lr=5e-4,             # higher rates stayed on the first plateau
                 min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
                 fresh_after=6000,    # the pool gets it off the first plateau; then new graphs
+                hybrid=0.25, hybrid_until=2000,  # a quarter next-token rows: leaves it sooner
                 max_iters=16_000,    # what a 2-core CPU trains in hours; the paper: 390,625
                 eval_interval=1000, log_interval=500),
     "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
