@@ -343,8 +343,8 @@ PRESETS = {
                 n_train=200_000, batch_size=256,
                 lr=5e-4,             # higher rates stayed on the first plateau
                 min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
-                fresh_after=6000,    # the pool gets it off the first plateau; then new graphs
-                hybrid=0.25, hybrid_until=2000,  # a quarter next-token rows: leaves it sooner
+                fresh_after=6000,    # the pool, then new graphs: won more often than the pool
+                hybrid=0.25, hybrid_until=2000,  # next-token rows: off the first plateau sooner
                 max_iters=16_000,    # what a 2-core CPU trains in hours; the paper: 390,625
                 eval_interval=1000, log_interval=500),
     "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
