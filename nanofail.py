@@ -345,7 +345,7 @@ PRESETS = {
                 min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
                 fresh_after=6000,    # the pool, then new graphs: won more often than the pool
                 hybrid=0.25, hybrid_until=2000,  # next-token rows: off the first plateau sooner
-                max_iters=16_000,    # what a 2-core CPU trains in hours; the paper: 390,625
+                max_iters=20_000,    # n1, the last link, can come late; the paper: 390,625
                 eval_interval=1000, log_interval=500),
     "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
                   n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, warmup_iters=1000,

@@ -1296,6 +1296,16 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
     assert [r[1].strip() for r in rows] == ["1", "2", "3", ""]
     assert re.search(r"teacherless: 1 of 3 .*; 1 of the others", out)  # seed 3 said apart
     assert [r[-2].strip() for r in rows] == ["20 10 10", "30 10 10", "30 10 10", ""]  # n1 n2 n3
+    code, out, _ = run_figures(["--odds", *runs, "--by", "10"], capsys)  # a budget of 10 steps
+    rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith(f"| {tmp_path}")]
+    assert code == 0 and [r[3].strip() for r in rows] == ["10"] * 3  # each read as at step 10
+    assert re.search(r"teacherless: 0 of 3 runs", out) and "others" not in out  # all missed
+    code, out, _ = run_figures(["--odds", *runs, "--by", "5"], capsys)  # before any evaluation
+    assert code == 0 and re.search(r"teacherless: 0 of 3 .*; 3 of the others", out)
+    code, _, err = run_figures(["--curves", runs[0], "--by", "10", "--out", "x.png"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1  # --by belongs to --odds
+    code, _, err = run_figures(["--odds", *runs, "--by", "0"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1  # a budget of no steps
     code, _, err = run_figures(["--curves", runs[0]], capsys)  # a figure still needs --out
     assert code == 2 and len(err.strip().splitlines()) == 1
 

@@ -537,10 +537,11 @@ def probe_table(run_dir, n_graphs=5000):
                     f"block L ({n_fit} test graphs to fit, {n_score} to score)"]
 
 
-def odds_table(run_dirs, target=0.95):
+def odds_table(run_dirs, target=0.95, by=None):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
-    `target`; then, per objective, how many runs did. Markdown lines."""
+    `target`; then, per objective, how many runs did. by: a budget in steps; a run continued past
+    it is read as it stood there. Markdown lines."""
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
              f"from step (n1 ...) | reached {target} at step |", "|---" * 8 + "|"]
     outcomes = {}  # objective -> per run: "reached", "early" (stopped before max_iters) or "missed"
@@ -550,11 +551,16 @@ def odds_table(run_dirs, target=0.95):
         except nf.UsageError as e:  # a run that wrote nothing yet is a row, not the end
             lines.append(f"| {run_dir} | | | | | {e} | | |")
             continue
+        hist = [h for h in hist if by is None or h["step"] <= by]  # the evaluations in the budget
+        objective, end = nf.objective_name(cfg), min(cfg.max_iters, math.inf if by is None else by)
+        if not hist:  # nothing evaluated yet by then: counted, as a run stopped early
+            outcomes.setdefault(objective, []).append("early")
+            lines.append(f"| {run_dir} | {cfg.seed} | {objective} | no evaluation by step {by} |||||")
+            continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
-        objective = nf.objective_name(cfg)
         last = hist[-1]
         outcomes.setdefault(objective, []).append(
-            "reached" if at is not None else "early" if last["step"] < cfg.max_iters else "missed")
+            "reached" if at is not None else "early" if last["step"] < end else "missed")
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
         # the plan's links: the first evaluation where each inner position is right 9 times in 10
         links = " ".join(str(next((h["step"] for h in hist if h["forced_token_acc"][i] >= 0.9),
@@ -588,13 +594,16 @@ def main(argv=None):
                    "and on one arm")
     p.add_argument("--probe", metavar="RUN_DIR",
                    help="print where in this GPT run a linear probe finds the plan's nodes")
+    p.add_argument("--by", type=int, metavar="STEP",
+                   help="--odds within a budget: a run continued past STEP is read as it stood there")
     p.add_argument("--graph", type=int, metavar="K",
                    help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
     args = p.parse_args(argv)
     with nf.reported():
         attention = functools.partial(plot_attention, graph=args.graph)
-        tables = {odds_table: args.odds, reads_table: args.reads, lens_table: args.lens,
+        odds = functools.partial(odds_table, by=args.by)
+        tables = {odds: args.odds, reads_table: args.reads, lens_table: args.lens,
                   probe_table: args.probe, arms_table: args.arms}  # printed
         drawn = {plot_curves: args.curves, draw_example: args.example, attention: args.attention}
         chosen = [(make, runs) for make, runs in {**tables, **drawn}.items() if runs]
@@ -604,6 +613,8 @@ def main(argv=None):
         (make, runs), = chosen
         if args.graph is not None and make is not attention:  # a choice nothing else would use
             raise nf.UsageError("--graph K picks the graph of --attention: add --attention RUN_DIR")
+        if args.by is not None and (make is not odds or args.by < 1):
+            raise nf.UsageError("--by STEP, a step >= 1, is a budget for --odds RUN_DIR ...")
         if make in tables:
             return print("\n".join(make(runs)))
         if not args.out:
