@@ -57,17 +57,25 @@ def make_graphs(n, deg, path_len, num_nodes, rng):
     goal_arm = arms[np.arange(n), rng.integers(deg, size=n)]  # (n, L-1)
     return np.take_along_axis(edges, order[:, :, None], 1), np.concatenate([start, goal_arm], 1)
 
-def prompt_keys(edges, path):
-    """One hashable key per prompt (edge list, s, g): train and test prompts must not meet."""
-    prompts = np.concatenate([edges.reshape(len(path), -1), path[:, [0, -1]]], axis=1)
-    return [row.tobytes() for row in prompts]
+def graph_keys(edges, path):
+    """One key per graph as an unordered edge set with its s and g: a test graph with its edges
+    reshuffled is the same key, so a win on the test set cannot be memory of a training graph."""
+    codes = edges[..., 0].astype(np.int64) * MAX_NODES + edges[..., 1]  # (n, E): one number an edge
+    rows = np.concatenate([np.sort(codes, axis=1), path[:, [0, -1]]], axis=1)  # sorted: no order
+    return [row.tobytes() for row in rows.astype(np.int64)]
+
+def count_graphs(deg, path_len, num_nodes):
+    """Distinct prompts of G(deg, path_len) on num_nodes labels, as unordered graphs with s and g:
+    ordered labels for s and the arms, the deg! orders of the arms alike, deg choices of g."""
+    labels = 1 + deg * (path_len - 1)
+    return math.perm(num_nodes, labels) // math.factorial(deg) * deg
 
 def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid):
-    """n graphs whose prompts are not among the prompts of `avoid` (the test set)."""
-    seen, parts, have = set(prompt_keys(*avoid)), [], 0
+    """n graphs, none of them a graph of `avoid` (the test set) with its edges in any order."""
+    seen, parts, have = set(graph_keys(*avoid)), [], 0
     for _ in range(100):  # draw again for the few that collide
         edges, path = make_graphs(n - have, deg, path_len, num_nodes, rng)
-        keep = np.array([key not in seen for key in prompt_keys(edges, path)], dtype=bool)
+        keep = np.array([key not in seen for key in graph_keys(edges, path)], dtype=bool)
         parts, have = parts + [(edges[keep], path[keep])], have + int(keep.sum())
         if have == n:
             return tuple(np.concatenate(p) for p in zip(*parts))
@@ -487,8 +495,8 @@ def make_splits(cfg, log=print):
     test = loaded.get("test") or (fresh_graphs(cfg.n_test, deg, L, N, rng_test, avoid=train)
                                   if train else make_graphs(cfg.n_test, deg, L, N, rng_test))
     train = train or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
-    if len(loaded) == 2 and not set(prompt_keys(*train)).isdisjoint(prompt_keys(*test)):
-        raise UsageError("--train_file and --test_file share prompts: pass disjoint sets")
+    if len(loaded) == 2 and not set(graph_keys(*train)).isdisjoint(graph_keys(*test)):
+        raise UsageError("--train_file and --test_file share graphs: pass disjoint sets")
     return train, test, dict(task, n_train=len(train[0]), n_test=len(test[0]))
 
 def unseen_graphs(cfg, test):

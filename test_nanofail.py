@@ -169,7 +169,7 @@ def test_splits_are_deterministic_and_disjoint():
     (tr_e, tr_p), (te_e, te_p), task = nf.make_splits(cfg)
     assert len(tr_e) == 2000 and len(te_e) == 200
     assert task == dict(deg=2, path_len=3, num_nodes=6, n_train=2000, n_test=200)
-    assert not set(nf.prompt_keys(tr_e, tr_p)) & set(nf.prompt_keys(te_e, te_p))
+    assert not set(nf.graph_keys(tr_e, tr_p)) & set(nf.graph_keys(te_e, te_p))
     (tr_e2, tr_p2), _, _ = nf.make_splits(cfg)
     assert np.array_equal(tr_e, tr_e2) and np.array_equal(tr_p, tr_p2)
     (tr_e3, _), _, _ = nf.make_splits(nf.replace(cfg, seed=1))
@@ -238,8 +238,8 @@ def test_original_test_files_load(name, deg, path_len, N, P):
     assert prompt_len == P and seq.shape == (20_000, P + path_len) and seq.max() < N + 4
     assert open(SHARED / name).readline().strip().split("=")[1] == ",".join(map(str, te_p[0]))
     assert tr_e.shape[1:] == te_e.shape[1:] and tr_e.max() < N
-    assert len(tr_e) == 100 and not (set(nf.prompt_keys(tr_e, tr_p))
-                                     & set(nf.prompt_keys(te_e, te_p)))
+    assert len(tr_e) == 100 and not (set(nf.graph_keys(tr_e, tr_p))
+                                     & set(nf.graph_keys(te_e, te_p)))
 
 
 G22, G23 = "1,2|1,3/1,3=1,3", "1,2|2,3|1,4|4,5/1,3=1,2,3"
@@ -287,12 +287,23 @@ def test_one_file_for_training_and_testing_is_refused(tmp_path, capsys):
     usage_error(flags(max_iters=1, train_file=f, test_file=f), capsys, "--test_file")
 
 
+def test_a_graph_is_one_key_in_any_edge_order_and_the_count_is_every_graph():
+    edges, path = graphs(n=6000, deg=2, path_len=3, num_nodes=5)  # 120 graphs, each drawn often
+    keys = nf.graph_keys(edges, path)
+    order = np.random.default_rng(1).permutation(edges.shape[1])
+    assert nf.graph_keys(edges[:, order], path) == keys  # reshuffled edges: the same graph
+    assert len(set(keys)) == nf.count_graphs(2, 3, 5) == 120  # every graph seen, none more
+    other_goal = path[:, [0, 1]]  # same edges, g moved: another prompt
+    assert nf.graph_keys(edges[:1], other_goal[:1]) != keys[:1]
+
+
 def test_a_training_file_alone_gets_a_test_set_apart_from_it(tmp_path):
-    f = tmp_path / "g23.txt"  # G(2,3) on 5 labels: 5! * 4! = 2,880 prompts, so 600 and 300 meet
-    nf.write_graphs(str(f), *graphs(n=600, deg=2, path_len=3, num_nodes=5))
-    cfg = tiny(train_file=str(f), n_test=300, deg=2, path_len=3, num_nodes=5)  # as the run saves it
+    f = tmp_path / "g23.txt"  # G(2,3) on 7 labels: 2,520 graphs, so 600 and 300 drawn would meet
+    nf.write_graphs(str(f), *graphs(n=600, deg=2, path_len=3, num_nodes=7))
+    assert nf.count_graphs(2, 3, 7) == 2520
+    cfg = tiny(train_file=str(f), n_test=300, deg=2, path_len=3, num_nodes=7)  # as the run saves it
     train, test, _ = nf.make_splits(cfg, log=lambda *a: None)
-    assert len(test[0]) == 300 and set(nf.prompt_keys(*train)).isdisjoint(nf.prompt_keys(*test))
+    assert len(test[0]) == 300 and set(nf.graph_keys(*train)).isdisjoint(nf.graph_keys(*test))
     again = figures.test_graphs(cfg)  # what the figures score: the same graphs
     assert all(np.array_equal(a, b) for a, b in zip(test, again))
 
@@ -924,8 +935,8 @@ def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_
     cfg = tiny(max_iters=10, fresh_after=6, **kw)
     train, test, _ = nf.make_splits(cfg, log=lambda *a: None)
     new = nf.unseen_graphs(cfg, test)
-    assert len(new[0]) == 64 and not (set(nf.prompt_keys(*new))
-                                      & set(nf.prompt_keys(*train) + nf.prompt_keys(*test)))
+    assert len(new[0]) == 64 and not (set(nf.graph_keys(*new))
+                                      & set(nf.graph_keys(*train) + nf.graph_keys(*test)))
     # steps 7-10 trained on exactly those graphs, each once
     batches, real_loss = [], nf.answer_loss
     monkeypatch.setattr(nf, "answer_loss", lambda model, seq, *a, **k: (
