@@ -5,16 +5,18 @@ A path-star graph G(deg, path_len) is a start s with deg arms of path_len - 1 no
 the shuffled edge list, then s and the goal g; the answer is the path s, n1, ..., g. Teacher forcing
 teaches the "Clever Hans" cheat (each node is the child of the one before, read off the edges) and
 never the hard step n1: exact match stays at 1/deg. Reversed targets are easy; teacherless training
-(every answer input replaced by `$`) removes the cheat. Run `python nanofail.py [--reverse |
---teacherless] [--preset g23 | g25 | paper]`, or from Python
-`model, history = train(Config(preset="g23", teacherless=True))`. The `# %%` cells (data, encoding,
-objectives, model, evaluation, training, command line) run in order and only define things.
+(every answer input replaced by `$`) removes the cheat. Part I, the lesson, is the `# %%` cells down
+to the engine room (Part II, which runs it); the cells only define. Run `python nanofail.py
+[--reverse | --teacherless] [--preset g23 | g25 | paper]`, or, from Python,
+`model, history = train(Config(preset="g23", teacherless=True))`.
 """
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from itertools import islice
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,14 +24,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-CPU_THREADS = torch.get_num_threads()  # torch's default: one per physical core
-
-class UsageError(Exception):
-    """Bad input: one line saying what to change (exit status 2)."""
-
-class Stopped(Exception):
-    """A run that diverged or was interrupted: one line saying where its checkpoint is (exit 1)."""
 
 # %% data: path-star graphs
 # One G(2,5) on N = 50 labels, a line of the original repository's text format (demo test graph 2):
@@ -41,21 +35,27 @@ class Stopped(Exception):
 #                                                 27 -> 6 -> 20 -> 39 -> 37
 # Every node but s has one child or none: after n1 = 35 the rest is lookups: n1 is the plan.
 MAX_NODES = 10_000  # labels 0..9999; the vocabulary is the labels and four symbols
+NEW_BLOCK = 100  # --fresh_after's new graphs are drawn this many steps' worth at a time
 
 def make_graphs(n, deg, path_len, num_nodes, rng):
     """n random path-star graphs: edges (n, E, 2), E = deg * (path_len - 1) parent->child pairs in
     random order, and path (n, path_len) = s, n1, ..., g along a random arm."""
-    # the first k labels of a random permutation per graph, in blocks that bound the memory (the
-    # blocks draw the numbers of one big call: one seed, one data set)
-    k, rows = 1 + deg * (path_len - 1), max(1, 2**22 // num_nodes)  # labels; rows a block
-    labels = np.concatenate([rng.random((min(rows, n - i), num_nodes), dtype=np.float32)
-                             .argsort(axis=1)[:, :k] for i in range(0, max(n, 1), rows)])
-    start, arms = labels[:, :1], labels[:, 1:].reshape(n, deg, path_len - 1)  # (n,1), (n,deg,L-1)
+    k = 1 + deg * (path_len - 1)  # labels a graph: s and the arms' nodes, all distinct
+    rows = max(1, 2**22 // num_nodes)  # graphs a block: its random floats take 16 MiB at most
+    labels = []  # per graph the first k labels of a random permutation (an argsort of floats),
+    for i in range(0, max(n, 1), rows):  # in blocks that draw the numbers of one big call
+        floats = rng.random((min(rows, n - i), num_nodes), dtype=np.float32)
+        labels.append(floats.argsort(axis=1)[:, :k])
+    labels = np.concatenate(labels)  # (n, k)
+    start = labels[:, :1]  # (n, 1): s
+    arms = labels[:, 1:].reshape(n, deg, path_len - 1)  # (n, deg, L-1): each arm's nodes in order
+    # each node's parent: s for the first node of every arm, then the node before it on the arm
     parents = np.concatenate([np.repeat(start[:, :, None], deg, 1), arms[:, :, :-1]], axis=2)
     edges = np.stack([parents, arms], axis=-1).reshape(n, -1, 2)  # (n, E, 2), arm by arm
     order = rng.random(edges.shape[:2]).argsort(axis=1)  # shuffled: the order gives nothing away
     goal_arm = arms[np.arange(n), rng.integers(deg, size=n)]  # (n, L-1)
-    return np.take_along_axis(edges, order[:, :, None], 1), np.concatenate([start, goal_arm], 1)
+    path = np.concatenate([start, goal_arm], axis=1)  # (n, L): s, n1, ..., g
+    return np.take_along_axis(edges, order[:, :, None], 1), path
 
 def graph_keys(edges, path):
     """One key per graph as an unordered edge set with its s and g: a test graph with its edges
@@ -71,64 +71,24 @@ def count_graphs(deg, path_len, num_nodes):
     return math.perm(num_nodes, labels) // math.factorial(deg) * deg
 
 def fresh_graphs(n, deg, path_len, num_nodes, rng, avoid):
-    """n graphs, none of them a graph of `avoid` (the test set) with its edges in any order."""
-    seen, parts, have = set(graph_keys(*avoid)), [], 0
+    """n graphs, none of them in `avoid`: a set of graph_keys (the test set's)."""
+    edges, paths = [], []  # the graphs kept, draw by draw
     for _ in range(100):  # draw again for the few that collide
-        edges, path = make_graphs(n - have, deg, path_len, num_nodes, rng)
-        keep = np.array([key not in seen for key in graph_keys(edges, path)], dtype=bool)
-        parts, have = parts + [(edges[keep], path[keep])], have + int(keep.sum())
-        if have == n:
-            return tuple(np.concatenate(p) for p in zip(*parts))
+        e, p = make_graphs(n - sum(map(len, paths)), deg, path_len, num_nodes, rng)
+        keep = np.array([key not in avoid for key in graph_keys(e, p)], dtype=bool)
+        edges.append(e[keep])
+        paths.append(p[keep])
+        if sum(map(len, paths)) == n:
+            return np.concatenate(edges), np.concatenate(paths)
     raise UsageError(f"G({deg},{path_len}) on {num_nodes} labels has too few distinct graphs for "
                      f"{n} training graphs apart from the test set: raise --num_nodes")
 
-def not_path_stars(edges, path):
-    """Indices of the graphs that are not a path star: s = path[:, 0] with E / (L-1) arms."""
-    (n, E, _), L = edges.shape, path.shape[1]  # E edges, L path nodes
-    parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]
-    distinct = lambda a: (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)  # noqa: E731
-    follows = parent[:, :, None] == child[:, None, :]  # (n, E, E): edge i leaves where j ends
-    reached = parent == s  # (n, E): the edges within k steps of s, for k = 1 .. L-1
-    for _ in range(L - 2):
-        reached = reached | (follows & reached[:, None, :]).any(2)
-    # one parent per node but s, which has none; one child per node but s, which has E / (L-1)
-    one_child = distinct(np.where(parent == s, -np.arange(1, E + 1), parent))
-    ok = distinct(child) & (child != s).all(1) & one_child & ((parent == s).sum(1) * (L - 1) == E)
-    return np.flatnonzero(~(ok & reached.all(1)))
-
-# a line of the text format: labels of 1-4 digits (below MAX_NODES), L >= 2 path nodes
-GRAPH = re.compile(r"(\d{1,4},\d{1,4}\|)*\d{1,4},\d{1,4}/\d{1,4},\d{1,4}=\d{1,4}(,\d{1,4})+")
-
-def parse_graphs(text, name="input"):
-    """Text in the original format -> edges (n, E, 2), path (n, L). A bad line raises UsageError."""
-    lines = text.rstrip("\n").split("\n")
-    shape = lambda ln: (ln.count("|"), ln.count(","))  # noqa: E731  (E - 1 and E + L: as line 1)
-    bad = [i for i, ln in enumerate(lines)
-           if not GRAPH.fullmatch(ln) or shape(ln) != shape(lines[0])]
-    if bad:
-        raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
-                         f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
-    E, L = lines[0].count("|") + 1, lines[0].count(",") - lines[0].count("|") - 1  # see shape
-    nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
-    edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
-    u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
-    on_edges = ((u == path[:, :-1, None]) & (v == path[:, 1:, None])).any(2).all(1)
-    bad = np.flatnonzero((sg != path[:, [0, -1]]).any(1) | ~on_edges)
-    if len(bad):
-        raise UsageError(f"{name}:{bad[0] + 1}: the answer is no path from s to g along the edges")
-    bad = [0] if E % (L - 1) else not_path_stars(edges, path)
-    if len(bad):
-        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of {L - 1} edges)")
-    return edges, path
-
-def read_graphs(name):
-    """A file in the original text format -> edges (n, E, 2), path (n, L)."""
-    try:
-        with open(name) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {name}: {e}")
-    return parse_graphs(text, name)
+def new_graphs(cfg, block, avoid):
+    """Block `block` of the stream of new graphs (--fresh_after): NEW_BLOCK steps' worth, none in
+    `avoid`, from a seed of its own (cfg.seed's child (2, block); make_splits uses 0 and 1)."""
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, block)))
+    n = NEW_BLOCK * cfg.batch_size  # graphs: one per row of NEW_BLOCK steps
+    return fresh_graphs(n, cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid)
 
 # %% encoding: tokens
 # Tokens: node labels 0..N-1, then '|' = N, '=' = N+1, '/' = N+2, '$' = N+3 (commas are dropped).
@@ -144,23 +104,14 @@ def prompt_length(deg, path_len):
 def encode(edges, path, num_nodes, reverse=False):
     """(n, E, 2), (n, L) -> token sequences (n, 3E + 3 + L) and the prompt length P = 3E + 3.
     With reverse=True the answer is g..s: every step is then a parent lookup, nothing to plan."""
-    (n, E, _), t = edges.shape, tok(num_nodes)
-    body = np.concatenate([edges, np.full((n, E, 1), t["pipe"])], axis=2).reshape(n, -1)[:, :-1]
+    n, E, _ = edges.shape
+    t = tok(num_nodes)
+    pipes = np.full((n, E, 1), t["pipe"])  # a '|' after each edge, the last one dropped
+    body = np.concatenate([edges, pipes], axis=2).reshape(n, 3 * E)[:, :-1]  # u v | ... | u v
     sg = np.stack([np.full(n, t["slash"]), path[:, 0], path[:, -1], np.full(n, t["eq"])], axis=1)
     answer = path[:, ::-1] if reverse else path  # the targets: s..g, or g..s
     seq = np.concatenate([body, sg, answer], axis=1).astype(np.int64)
     return seq, seq.shape[1] - path.shape[1]  # P: all but the L answer tokens
-
-def graph_lines(edges, path):
-    """edges (n, E, 2), path (n, L) -> the graphs as lines of the original text format."""
-    return ["|".join(f"{u},{v}" for u, v in e) + f"/{p[0]},{p[-1]}=" + ",".join(map(str, p))
-            for e, p in zip(edges.tolist(), path.tolist())]
-
-def write_graphs(filename, edges, path):
-    """One graph a line, to a .tmp file then renamed: a crash never leaves half a file."""
-    with open(filename + ".tmp", "w") as f:
-        f.write("\n".join(graph_lines(edges, path)) + "\n")
-    os.replace(filename + ".tmp", filename)
 
 # %% objectives: next-token, reverse, teacherless
 # The three objectives read the same sequences and score only the L answer tokens. They differ in
@@ -212,8 +163,10 @@ class Block(nn.Module):
     def attn(self, x):
         """Causal self-attention (where the edge lookups happen): x (B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.qkv(x).split(C, dim=2))  # 3 x (B, nh, T, hs)
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -274,20 +227,23 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     """Test graphs edges (n, E, 2), path (n, L) -> accuracy per answer position with the training
     inputs ("forced": the true prefix, or '$'), exact match of greedy decoding, and the worked
     example: the first graph the model gets wrong (graph 0 if none) and the model's answer."""
-    training, _ = model.training, model.eval()  # the mode it came in, restored below
+    was_training = model.training  # the mode it came in, restored below
+    model.eval()
     seq, P = encode(edges, path, num_nodes, reverse)  # (n, P+L), P
-    seq, right = torch.from_numpy(seq).to(next(model.parameters()).device), []
+    seq = torch.from_numpy(seq).to(next(model.parameters()).device)
+    right = []  # (b, L) per batch: is the forced prediction the target?
     for s in seq.split(128):  # small batches bound the memory (Mamba's scan state)
         with amp():
             right.append(answer_logits(model, s, P, teacherless, num_nodes).argmax(-1) == s[:, P:])
     right = torch.cat(right)  # (n, L)
     # Greedy decoding is right all the way exactly when every forced prediction is right: each
     # decoded token then sees the true prefix. So exact match needs one forced pass, no decoding.
-    k = int((~right.all(1)).float().argmax())  # the first graph with a wrong token, or 0
+    wrong = torch.nonzero(~right.all(1))  # the graphs with a wrong token
+    k = int(wrong[0]) if len(wrong) else 0  # the worked example: the first of them, or graph 0
     with amp():  # teacherless decoding is the forced pass itself; otherwise each token is fed back
         pred = (answer_logits(model, seq[k:k + 1], P, True, num_nodes).argmax(-1) if teacherless
                 else model.generate(seq[k:k + 1, :P], seq.shape[1] - P))
-    model.train(training)  # back to the mode it was in
+    model.train(was_training)
     return dict(test_exact_match=right.all(1).float().mean().item(),
                 forced_token_acc=right.float().mean(0).tolist(),
                 example=dict(index=k, edges=edges[k].tolist(), path=path[k].tolist(),
@@ -296,58 +252,70 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
 def explain(edges, path, pred, reverse=False):
     """Where a decoded answer went wrong: 'wrong arm at n1, then n2 n3 along the edges from there'
     is the Clever-Hans cheat seen from outside. edges [[u, v], ...], path [s, ..., g]."""
-    names, answer = position_names(len(path), reverse), path[::-1] if reverse else path
+    names = position_names(len(path), reverse)
+    answer = path[::-1] if reverse else path
     wrong = [i for i, (p, a) in enumerate(zip(pred, answer)) if p != a]
     if not wrong:
         return "right"
+    rest = " ".join(names[j] for j in wrong[1:])  # the slips after the first
+    slip = f"wrong at {names[wrong[0]]}"
+    at_n1 = wrong[0] == 1 and len(path) > 2  # (in G(d,2) position 1 is g, not n1)
+    if at_n1 and not reverse and [path[0], pred[1]] in edges:
+        slip = "wrong arm at n1"  # another child of s: the guess teacher forcing leaves
     step = dict((v, u) if reverse else (u, v) for u, v in edges)  # the next node: child, or parent
-    i, rest = wrong[0], " ".join(names[j] for j in wrong[1:])  # the first slip, the others
-    follows = rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:])
-    # a child of s, not n1 (in G(d,2) position 1 is g)
-    arm = not reverse and i == 1 < len(path) - 1 and [path[0], pred[1]] in edges
-    return ("wrong arm at n1" if arm else f"wrong at {names[i]}") + (
-        f", then {rest} along the edges from there" if follows else f", {rest} too" * bool(rest))
+    if rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:]):
+        return f"{slip}, then {rest} along the edges from there"  # lookups from the slip on
+    return f"{slip}, {rest} too" if rest else slip
 
 def verdict(r, cfg):
     """One line: what the accuracy pattern means."""
-    f, exact = r["forced_token_acc"], r["test_exact_match"]
+    f = r["forced_token_acc"]
+    exact = r["test_exact_match"]
     if exact >= 0.95:  # teacherless: nothing to copy, so the path was planned from the prompt
         how = "planned from the prompt" if cfg.teacherless else "found"
         return f"solved: the path is {how} (exact match {exact:.3f})."
     if cfg.teacherless:
         names = position_names(cfg.path_len, cfg.reverse)
-        have, lack = (" ".join(n for n, a in zip(names, f) if (a > 0.9) == yes) for yes in (1, 0))
+        have = " ".join(n for n, a in zip(names, f) if a > 0.9)
+        lack = " ".join(n for n, a in zip(names, f) if a <= 0.9)
         lack = lack or f"all of them right at once (exact match {exact:.3f})"  # each > 0.9
         return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
                 f"yet: {lack} (README, Results: how often it wins).")
-    if cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse and f[1] < 1.5 / cfg.deg and min(
-            f[2:]) > 0.9:
+    n1_to_guess = cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse  # a choice among arms
+    if n1_to_guess and f[1] < 1.5 / cfg.deg and min(f[2:]) > 0.9:
         return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
                 f"a guess among {cfg.deg} arms, so exact match ~ 1/deg.")
     return "still learning: neither the Clever-Hans signature nor a solution yet."
 
 def report(r, cfg, log=print):
     """Print an evaluation: accuracy per answer position, the verdict, and the worked example."""
-    ex, row = r["example"], lambda name, xs: f"  {name:<10}" + "".join(f"{x:>7}" for x in xs)
+    def row(name, xs):  # a name, then a column of 7 characters per answer position
+        return f"  {name:<10}" + "".join(f"{x:>7}" for x in xs)
+    ex = r["example"]
     log(row("position", position_names(cfg.path_len, cfg.reverse)))
-    log(row("forced", [f"{x:.3f}" for x in r["forced_token_acc"]]) +
-        f"   exact match {r['test_exact_match']:.3f}\n  -> {verdict(r, cfg)}")
+    forced = [f"{x:.3f}" for x in r["forced_token_acc"]]
+    log(row("forced", forced) + f"   exact match {r['test_exact_match']:.3f}")
+    log(f"  -> {verdict(r, cfg)}")
     graph = graph_lines(np.array([ex["edges"]]), np.array([ex["path"]]))[0]
-    log(f"  example   {graph}   (test graph {ex['index']})\n" + row("true", ex["path"][::-1]
-        if cfg.reverse else ex["path"]) + "\n" + row("model", ex["pred"]) + "   " +
-        explain(ex["edges"], ex["path"], ex["pred"], cfg.reverse))
+    log(f"  example   {graph}   (test graph {ex['index']})")
+    log(row("true", ex["path"][::-1] if cfg.reverse else ex["path"]))
+    why = explain(ex["edges"], ex["path"], ex["pred"], cfg.reverse)
+    log(row("model", ex["pred"]) + "   " + why)
 
 # %% training: the config
 # A preset is a few overrides of the defaults, each with its reason (as nanoGPT's config files);
 # RESULTS.md has the runs behind each value.
 PRESETS = {
-    "quick": {},  # the defaults: a laptop CPU shows the Clever-Hans signature in minutes
+    "quick": {},  # the defaults: G(2,4) on 10 labels, where both halves show on a CPU
     "g23": dict(path_len=3,          # s, n1, g: n1 = parent(g), a one-step plan
+                num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1,  # as its runs, the old
+                log_interval=50,     # defaults (RESULTS.md: 7 of 7)
                 n_train=200_000,     # the paper's training set
                 batch_size=256,      # and its batch size
                 max_iters=3000,      # the plan appears only after a plateau
                 eval_interval=250),  # to see when
-    "g25": dict(n_layer=8,           # depth shortens the plateaus of the plan's three links
+    "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # the paper's task; its runs' width
+                n_layer=8,           # depth shortens the plateaus of the plan's three links
                 n_train=200_000, batch_size=256,
                 lr=5e-4,             # higher rates stayed on the first plateau
                 min_lr_frac=1,       # constant: a cosine decays before the last plateau ends
@@ -355,15 +323,20 @@ PRESETS = {
                 hybrid=0.25, hybrid_until=2000,  # next-token rows: off the first plateau sooner
                 max_iters=20_000,    # n1, the last link, can come late; the paper: 390,625
                 eval_interval=1000, log_interval=500),
-    "paper": dict(n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (Sec. 4)
-                  n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4, warmup_iters=1000,
+    "paper": dict(path_len=5, num_nodes=50,  # G(2,5) on 50 labels, the paper's Sec. 4 task
+                  n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (its code: 6)
+                  n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4,
+                  warmup_iters=100,   # the original code's AdamW and schedule: warmup 100,
+                  weight_decay=0.0, beta2=0.999, grad_clip=0.0,  # no decay, no clipping,
+                  min_lr_frac=1,      # a cosine over 100x more steps than it runs: ~constant
                   max_iters=390_625,  # 500 epochs of 200,000 graphs: a GPU's work
                   eval_interval=5000, log_interval=500),
 }
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches, a higher lr and more steps show the same signature in minutes.
 MAMBA_PRESETS = {
-    "quick": dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),
+    "quick": dict(n_layer=2, n_embd=128, batch_size=64, lr=3e-3, min_lr_frac=0.1,
+                  max_iters=1500, eval_interval=250, log_interval=250),
     "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
 }
 
@@ -376,8 +349,8 @@ def knob(default, help, **checks):
 class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
     deg: int = knob(2, "arms leaving the start node s", min=1, fixed=True)
-    path_len: int = knob(5, "nodes on the path s..g, s included", min=2, fixed=True)
-    num_nodes: int = knob(50, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
+    path_len: int = knob(4, "nodes on the path s..g, s included", min=2, fixed=True)
+    num_nodes: int = knob(10, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
     n_train: int = knob(50_000, "training graphs: the pool, seen epoch after epoch", min=1)
     fresh_after: int = knob(0, "from this step on, new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
@@ -389,17 +362,17 @@ class Config:
     # model
     model: str = knob("gpt", "gpt or mamba", choices=("gpt", "mamba"), fixed=True)
     n_layer: int = knob(4, "layers", min=1, fixed=True)
-    n_embd: int = knob(128, "width (d_model)", min=1, fixed=True)
+    n_embd: int = knob(64, "width (d_model)", min=1, fixed=True)
     n_head: int = knob(4, "attention heads (gpt)", min=1, fixed=True)
     d_state: int = knob(16, "SSM state size N (mamba)", min=1, fixed=True)
     expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1, fixed=True)
     d_conv: int = knob(4, "causal conv kernel (mamba)", min=1, fixed=True)
     # training
     batch_size: int = knob(128, "graphs per step, over all processes", min=1)
-    lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
-    min_lr_frac: float = knob(0.1, "cosine decay to lr * this (1: constant)", min=0, max=1)
+    lr: float = knob(3e-3, "peak learning rate (AdamW)", min=0)
+    min_lr_frac: float = knob(1.0, "cosine decay to lr * this (1: constant)", min=0, max=1)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
-    max_iters: int = knob(600, "optimizer steps", min=0)
+    max_iters: int = knob(8000, "optimizer steps", min=0)
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)", min=0)
     beta2: float = knob(0.95, "AdamW beta2 (torch's default: 0.999)", min=0, max=1)
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", min=0)
@@ -412,8 +385,8 @@ class Config:
     threads: int = knob(0, "CPU threads (0: one per core no other process keeps busy)", min=0)
     seed: int = knob(1337, "seed for data, init and batches", min=0, max=2**32 - 1)
     # logging and files
-    log_interval: int = knob(50, "print a progress line every this many steps", min=1)
-    eval_interval: int = knob(300, "evaluate every this many steps (0: at the end)", min=0)
+    log_interval: int = knob(500, "print a progress line every this many steps", min=1)
+    eval_interval: int = knob(1000, "evaluate every this many steps (0: at the end)", min=0)
     out_dir: str = knob("", "write results.json and ckpt.pt here")
     overwrite: bool = knob(False, "replace a run (or exported data) already in the folder")
     resume: str = knob("", "continue from this ckpt.pt with its settings (flags override them)")
@@ -426,36 +399,155 @@ class Config:
     def __init__(self, preset="quick", **given):
         # The defaults above, then the preset's values for this model, then the values given: so
         # Config(preset="g23", teacherless=True) is the run of --preset g23 --teacherless.
-        unknown = set(given) - {f.name for f in fields(self)}  # a typo is an error, not a no-op
+        knobs = {f.name: f for f in fields(self)}
+        unknown = set(given) - set(knobs)  # a typo is an error, not a no-op
         if unknown:
             raise UsageError(f"unknown knob {min(unknown)}: see python nanofail.py -h")
-        check({f.name: f for f in fields(self)}["preset"], preset)
-        mine = MAMBA_PRESETS if given.get("model") == "mamba" else PRESETS
-        defaults = {f.name: f.default for f in fields(self)}
-        for k, v in {**defaults, **mine.get(preset, PRESETS[preset]), **given}.items():
-            setattr(self, k, v)
+        check(knobs["preset"], preset)  # one of PRESETS
+        presets = MAMBA_PRESETS if given.get("model") == "mamba" else PRESETS
+        overrides = presets.get(preset, PRESETS[preset])  # Mamba's own, where it has one
+        for name, f in knobs.items():
+            setattr(self, name, given.get(name, overrides.get(name, f.default)))
         self.preset = preset  # the name, for results.json and resume
-        for f in fields(self):  # what the command line checks, from Python too
+        for f in knobs.values():  # what the command line checks, from Python too
             check(f, getattr(self, f.name))
 
-def check(f, v):
-    """One knob's value against its field: its type, choices and range."""
-    m, name = f.metadata, f"--{f.name}"
-    if type(v) is not f.type and not (f.type is float and type(v) is int):  # True is no int here
-        raise UsageError(f"{name} must be of type {f.type.__name__} (got {v!r})")
-    if v not in m.get("choices", [v]):
-        raise UsageError(f"{name} must be one of {', '.join(m['choices'])} (got {v})")
-    if f.type in (int, float) and not (math.isfinite(v) and m.get("min", -math.inf) <= v <=
-                                       m.get("max", math.inf)):
-        lo, hi = m.get("min", "-inf"), m.get("max", "inf")
-        raise UsageError(f"{name} must be in [{lo}, {hi}] (got {v})")
+# %% training: the loop
+# As in nanoGPT's train.py: a batch, its loss, a step of AdamW, a log line, now and then an
+# evaluation and a checkpoint. Set-up, saving and stopping are named calls into Part II.
 
-def known_knobs(saved):
-    """A config saved by this or an older version: knobs it did not have take their default (what
-    that version did, not the preset's); knobs no longer here are dropped."""
-    return {f.name: saved.get(f.name, f.default) for f in fields(Config)}
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters  # no large steps from random weights
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-# %% training: data, device, optimizer, files
+def train(cfg, log=print):
+    """Train cfg's model on cfg's task and objective, evaluating every eval_interval steps. Returns
+    (model, history); out_dir keeps results.json and ckpt.pt. log=None trains without a word."""
+    run = start(cfg, log)  # Part II: device, processes, data, model, optimizer; new or resumed
+    cfg = run.cfg  # a copy with the data's task (a data file sets it)
+    P = prompt_length(cfg.deg, cfg.path_len)
+    step = run.step  # 0, or the checkpoint's
+    window = []  # the losses since the last log line, kept on the device
+    try:
+        while step < cfg.max_iters:
+            # batch: this process's share of the step's global batch, (B / world, P+L)
+            seq = next(run.batches).chunk(run.world)[run.rank]
+            # forward: the loss on the answer tokens, with the objective's inputs
+            hybrid = cfg.hybrid if step < cfg.hybrid_until or not cfg.hybrid_until else 0
+            n_forced = round(hybrid * len(seq))  # --hybrid: rows kept teacher-forced
+            if run.cuda_graphs:  # --compile_mode reduce-overhead: a new CUDA-graph replay
+                torch.compiler.cudagraph_mark_step_begin()
+            with run.amp():  # autocast: bf16 where the device computes in it
+                loss = answer_loss(run.model, seq, P, cfg.teacherless, cfg.num_nodes, n_forced)
+            # backward: the gradients (DDP averages them over the processes)
+            run.opt.zero_grad(set_to_none=True)  # no stale gradients from the last step
+            loss.backward()
+            # step: clip the gradient norm, then AdamW at this step's lr
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip)
+            for group in run.opt.param_groups:
+                group["lr"] = lr_at(step, cfg)  # warmup, then cosine or constant
+            run.opt.step()
+            step += 1
+            window.append(loss.detach())  # stays on the device: a GPU is not synced every step
+            # log: a progress line; a nan or inf loss stops the run (Part II)
+            do_eval = step == cfg.max_iters or (cfg.eval_interval and step % cfg.eval_interval == 0)
+            do_log = do_eval or step % cfg.log_interval == 0
+            train_loss = log_progress(run, step, window, do_log)  # the mean loss, on log steps
+            # evaluate: the test graphs, which training never sees (on the first process only)
+            if do_eval and run.rank == 0:
+                run.history.append(dict(step=step, train_loss=train_loss, **run.scores()))
+                run.log(f"eval at step {step}:")
+                report(run.history[-1], cfg, run.log)
+            # save: results.json and ckpt.pt at each evaluation, with --out_dir (Part II)
+            if do_eval and run.rank == 0 and cfg.out_dir:
+                run.saved = save_run(cfg, run.raw, run.opt, step, run.history)
+            if do_log:  # a new window: it/s counts training steps, not the evaluation
+                window = []
+                run.clock = time.time()
+    except KeyboardInterrupt:  # Ctrl-C: one line that names the checkpoint to resume from
+        raise Stopped(f"interrupted at step {step}. {resume_hint(run.saved, cfg)}") from None
+    finish(run, step)  # Part II: with nothing trained, one evaluation; the time; the processes
+    return run.raw, run.history
+
+# %% engine room: a reader may skip what follows, which runs the lesson above: the text format,
+# devices, precision, threads, DDP, checkpoints, resume, the nan stop, Ctrl-C, checks, command line.
+
+class UsageError(Exception):
+    """Bad input: one line saying what to change (exit status 2)."""
+
+class Stopped(Exception):
+    """A run that diverged or was interrupted: one line saying where its checkpoint is (exit 1)."""
+
+CPU_THREADS = torch.get_num_threads()  # torch's default: one per physical core
+
+def not_path_stars(edges, path):
+    """Indices of the graphs that are not a path star: s = path[:, 0] with E / (L-1) arms."""
+    E, L = edges.shape[1], path.shape[1]  # E edges, L path nodes
+    parent, child, s = edges[..., 0], edges[..., 1], path[:, :1]  # (n, E), (n, E), (n, 1)
+    def distinct(a):  # (n, m) -> (n,): each row's values all differ
+        return (np.diff(np.sort(a, axis=1), axis=1) != 0).all(1)
+    follows = parent[:, :, None] == child[:, None, :]  # (n, E, E): edge i leaves where j ends
+    reached = parent == s  # (n, E): the edges within k steps of s, for k = 1 .. L-1
+    for _ in range(L - 2):
+        reached = reached | (follows & reached[:, None, :]).any(2)
+    # one parent per node but s, which has none; one child per node but s, which has E / (L-1)
+    one_child = distinct(np.where(parent == s, -np.arange(1, E + 1), parent))
+    ok = distinct(child) & (child != s).all(1) & one_child & ((parent == s).sum(1) * (L - 1) == E)
+    return np.flatnonzero(~(ok & reached.all(1)))
+
+# a line of the text format: labels of 1-4 digits (below MAX_NODES), L >= 2 path nodes
+GRAPH = re.compile(r"(\d{1,4},\d{1,4}\|)*\d{1,4},\d{1,4}/\d{1,4},\d{1,4}=\d{1,4}(,\d{1,4})+")
+
+def parse_graphs(text, name="input", log=print):
+    """Text in the original format -> edges (n, E, 2), path (n, L); a bad line raises UsageError.
+    Like the original reader it takes CRLF, spaces around a line, blank lines at the end."""
+    lines = [ln.strip() for ln in text.rstrip().splitlines()] or [""]  # "": an empty file
+    shape = (lines[0].count("|"), lines[0].count(","))  # E - 1 and E + L, as on every line
+    bad = [i for i, ln in enumerate(lines)
+           if not GRAPH.fullmatch(ln) or (ln.count("|"), ln.count(",")) != shape]
+    if bad:
+        raise UsageError(f"{name}:{bad[0] + 1}: expected a graph 'u,v|...|u,v/s,g=s,...,g' of "
+                         f"labels below {MAX_NODES} like line 1, got '{lines[bad[0]][:60]}'")
+    E = shape[0] + 1  # edges
+    L = shape[1] - E  # path nodes
+    nums = np.array(re.split(r"\D+", "\n".join(lines)), dtype=np.int64).reshape(len(lines), -1)
+    edges, sg, path = nums[:, :2 * E].reshape(-1, E, 2), nums[:, 2 * E:][:, :2], nums[:, 2 * E + 2:]
+    if path[0, 0] == sg[0, 1] and path[0, -1] == sg[0, 0]:  # line 1's answer runs g..s
+        log(f"note: {name} has its answers g..s (its generator's reverse=True): read back as s..g")
+        path = path[:, ::-1].copy()  # so --reverse means the same as for any other file
+    u, v = edges[:, None, :, 0], edges[:, None, :, 1]  # (n, 1, E): each step of the path an edge?
+    on_edges = ((u == path[:, :-1, None]) & (v == path[:, 1:, None])).any(2).all(1)
+    bad = np.flatnonzero((sg != path[:, [0, -1]]).any(1) | ~on_edges)
+    if len(bad):
+        raise UsageError(f"{name}:{bad[0] + 1}: the answer is no path from s to g along the edges")
+    bad = [0] if E % (L - 1) else not_path_stars(edges, path)
+    if len(bad):
+        raise UsageError(f"{name}:{bad[0] + 1}: not a path star (s, then arms of {L - 1} edges)")
+    return edges, path
+
+def read_graphs(name, log=print):
+    """A file in the original text format -> edges (n, E, 2), path (n, L)."""
+    try:
+        with open(name) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {name}: {e}")
+    return parse_graphs(text, name, log)
+
+def graph_lines(edges, path):
+    """edges (n, E, 2), path (n, L) -> the graphs as lines of the original text format."""
+    return ["|".join(f"{u},{v}" for u, v in e) + f"/{p[0]},{p[-1]}=" + ",".join(map(str, p))
+            for e, p in zip(edges.tolist(), path.tolist())]
+
+def write_graphs(filename, edges, path):
+    """One graph a line, to a .tmp file then renamed: a crash never leaves half a file."""
+    with open(filename + ".tmp", "w") as f:
+        f.write("\n".join(graph_lines(edges, path)) + "\n")
+    os.replace(filename + ".tmp", filename)
 
 def check_memory(n_graphs, deg, path_len):
     """Refuse, before drawing them, more graphs than this machine's memory holds."""
@@ -463,53 +555,72 @@ def check_memory(n_graphs, deg, path_len):
     have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if have and need > have:
         raise UsageError(f"{n_graphs:,} graphs of G({deg},{path_len}) need ~{need / 2**30:.0f} GiB,"
-                         f" not {have / 2**30:.0f}: lower --n_train, --n_test or --max_iters, or "
-                         "raise --fresh_after")
-
-def fresh_count(cfg):
-    """How many new graphs --fresh_after draws: one per training example from that step on."""
-    return max(cfg.max_iters - cfg.fresh_after, 0) * cfg.batch_size if cfg.fresh_after else 0
+                         f" not {have / 2**30:.0f}: lower --n_train or --n_test")
 
 def make_splits(cfg, log=print):
     """(train, test, task): graphs generated from cfg.seed or read from the original text files, and
     what they are (deg, path_len, num_nodes and the set sizes; a data file sets them)."""
     files = (("train", cfg.train_file), ("test", cfg.test_file))  # either, both, or none
-    loaded = {split: read_graphs(name) for split, name in files if name}
+    loaded = {split: read_graphs(name, log) for split, name in files if name}
     task = dict(deg=cfg.deg, path_len=cfg.path_len, num_nodes=cfg.num_nodes)
     if loaded:
-        (E, L), *other = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}
-        labels = 1 + max(int(e.max()) for e, _ in loaded.values())  # N: every label seen
-        task, given = dict(deg=E // (L - 1), path_len=L, num_nodes=max(labels, 1 + E)), task
-        if other:
+        sizes = {(e.shape[1], p.shape[1]) for e, p in loaded.values()}  # (E, L) of each file
+        if len(sizes) > 1:
             raise UsageError("--train_file and --test_file hold graphs of different sizes")
-        if task != given:  # the data wins: say so
-            log("note: the data sets the task: " + " ".join(f"--{k} {v}" for k, v in task.items()))
-    deg, L, N = task.values()  # from here on the task is what the data says
+        E, L = sizes.pop()
+        labels = 1 + max(int(e.max()) for e, _ in loaded.values())  # N: every label seen
+        data = dict(deg=E // (L - 1), path_len=L, num_nodes=max(labels, 1 + E))
+        if data != task:  # the data wins: say so
+            log("note: the data sets the task: " + " ".join(f"--{k} {v}" for k, v in data.items()))
+        task = data
+    deg, L, N = task["deg"], task["path_len"], task["num_nodes"]  # from here on, the data's task
     if 1 + deg * (L - 1) > N:  # a graph needs 1 + E distinct labels
         raise UsageError(f"G({deg},{L}) needs {1 + deg * (L - 1)} distinct labels, not {N}: raise "
                          "--num_nodes or lower --deg/--path_len")
     drawn = ("train" not in loaded) * cfg.n_train + ("test" not in loaded) * cfg.n_test
-    check_memory(drawn + fresh_count(cfg), deg, L)  # with --fresh_after's graphs, before step 1
-    rng_test, rng_train = map(np.random.default_rng, np.random.SeedSequence(cfg.seed).spawn(2))
-    train = loaded.get("train")  # given alone, the test set is drawn around it
-    test = loaded.get("test") or (fresh_graphs(cfg.n_test, deg, L, N, rng_test, avoid=train)
-                                  if train else make_graphs(cfg.n_test, deg, L, N, rng_test))
-    train = train or fresh_graphs(cfg.n_train, deg, L, N, rng_train, avoid=test)
-    if len(loaded) == 2 and not set(graph_keys(*train)).isdisjoint(graph_keys(*test)):
+    check_memory(drawn, deg, L)  # before drawing them
+    seeds = np.random.SeedSequence(cfg.seed).spawn(2)  # the test set's and the pool's (new_graphs)
+    train, test = loaded.get("train"), loaded.get("test")  # a split not given is drawn
+    if test is None:  # drawn first, apart from a training file given alone
+        avoid = set(graph_keys(*train)) if train else set()
+        test = fresh_graphs(cfg.n_test, deg, L, N, np.random.default_rng(seeds[0]), avoid)
+    if train is None:  # the pool: apart from the test set as graphs
+        avoid = set(graph_keys(*test))
+        train = fresh_graphs(cfg.n_train, deg, L, N, np.random.default_rng(seeds[1]), avoid)
+    elif not set(graph_keys(*train)).isdisjoint(graph_keys(*test)):
         raise UsageError("--train_file and --test_file share graphs: pass disjoint sets")
     return train, test, dict(task, n_train=len(train[0]), n_test=len(test[0]))
 
-def unseen_graphs(cfg, test):
-    """The graphs of the steps from --fresh_after on, one per training example left, none a test
-    prompt, from a seed of their own (the third child of cfg.seed; make_splits uses two)."""
-    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2])
-    return fresh_graphs(fresh_count(cfg), cfg.deg, cfg.path_len, cfg.num_nodes, rng, avoid=test)
+def batches(n, batch_size, gen):
+    """Endless shuffled epochs of whole batches of row indices, drawn where `gen` lives."""
+    while True:
+        order = torch.randperm(n, generator=gen, device=gen.device)[:n - n % batch_size]
+        yield from order.view(-1, batch_size)  # (n // B, B): the last, partial batch is dropped
+
+def train_batches(cfg, step, pool, test, device, log):
+    """Each step's global batch (B, P+L) from `step` on: the pool in shuffled epochs, then from
+    --fresh_after on new graphs, each seen once; by the step alone, so a run resumed (with a larger
+    --max_iters or not) trains on the batches of one unbroken run."""
+    seq = torch.from_numpy(encode(*pool, cfg.num_nodes, cfg.reverse)[0]).to(device)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the pool's order, from the seed
+    last = cfg.fresh_after or None  # the pool trains the steps before --fresh_after, or all
+    if last is None or step <= last:
+        for idx in islice(batches(len(seq), cfg.batch_size, gen), step, last):  # from `step`
+            yield seq[idx]  # (B, P+L) token rows, on the device
+        log(f"step {last}: new graphs from here on, each seen once")
+        step = last
+    avoid = set(graph_keys(*test))  # never a test graph
+    while True:
+        block, done = divmod(step - cfg.fresh_after, NEW_BLOCK)  # done: its steps trained before
+        new = encode(*new_graphs(cfg, block, avoid), cfg.num_nodes, cfg.reverse)[0]
+        for rows in torch.from_numpy(new).to(device).split(cfg.batch_size)[done:]:
+            yield rows
+            step += 1
 
 def pick_device(name, threads):
     """auto: cuda, then mps, then cpu; a device this machine lacks is a usage error. On the CPU,
-    threads=0 takes one per core that no other process keeps busy (a thread that shares its core
-    with a busy process makes every step wait for it): torch's count, less the runnable tasks of
-    /proc/loadavg but this one, at the lowest of five looks."""
+    threads=0 takes one per core no other process keeps busy (a shared core makes each step wait):
+    torch's count less the runnable tasks in /proc/loadavg but this one, at the least of 5 looks."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
         raise UsageError(f"unknown --device {name}: use auto, cpu, cuda, cuda:N or mps")
@@ -527,10 +638,12 @@ def pick_device(name, threads):
 
 def autocast_dtype(dtype, device):
     """auto: bf16 where the hardware has native bf16 math (Ampere+ GPUs, AVX512-BF16/AMX CPUs)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (
         device.type == "cpu" and cpu_bf16)
-    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native else torch.float32
 
 @contextmanager
 def compute_context(device, dtype):
@@ -540,31 +653,24 @@ def compute_context(device, dtype):
             (sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()):
         yield
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters  # no large steps from random weights
-    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-def make_optimizer(model, cfg, device):
-    """AdamW; weight decay on matrices only (not norms, biases, or Mamba's A_log and D)."""
+def make_optimizer(model, cfg, device, state=None):
+    """AdamW; weight decay on matrices only (not norms, biases, or Mamba's A_log and D). From a
+    checkpoint's `state`: its moments, with the flags given for the rest."""
     decay = [p for p in model.parameters() if p.dim() >= 2 and not hasattr(p, "_no_weight_decay")]
     rest = [p for p in model.parameters() if not any(p is d for d in decay)]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
-
-def batches(n, batch_size, gen):
-    """Endless shuffled epochs of whole batches of row indices (static shapes), drawn where `gen`
-    lives (on a GPU: no host sync)."""
-    while True:
-        yield from torch.randperm(n, generator=gen, device=gen.device)[:n - n % batch_size].view(
-            -1, batch_size)  # (n // B, B): the last, partial batch is dropped
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2),
+                            fused=device.type in ("cuda", "cpu"))
+    if state:
+        opt.load_state_dict(state)  # the saved moments and settings, then the flags':
+        opt.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0: the matrices
+        for g in opt.param_groups:
+            g["betas"] = (0.9, cfg.beta2)  # in every group: decayed or not
+    return opt
 
 def distributed(device):
-    """Under torchrun (RANK set): join the process group, one GPU per process (nccl), or gloo on
-    the CPU. Returns (rank, world_size, device); without torchrun (0, 1, device)."""
+    """Under torchrun (RANK set) join the process group (nccl, one GPU a process; gloo on CPUs):
+    (rank, world_size, device); without torchrun (0, 1, device)."""
     if "RANK" not in os.environ:  # not started by torchrun: one process
         return 0, 1, device
     if device.type == "cuda":
@@ -593,28 +699,33 @@ def claim_folder(path, files, flag, overwrite, resumed=""):
     if resumed and os.path.samefile(os.path.dirname(resumed) or ".", path):
         taken = []  # a run resumed in its own folder goes on writing there
     if taken and not overwrite:
-        go_on = f", --resume {os.path.join(path, 'ckpt.pt')} to continue it," * (flag == "out_dir")
+        ckpt = os.path.join(path, "ckpt.pt")
+        go_on = f", --resume {ckpt} to continue it," if flag == "out_dir" else ""
         raise UsageError(f"{path} holds {' and '.join(taken)} already: pass a new --{flag}{go_on}"
                          " or --overwrite")
 
 def save_run(cfg, model, opt, step, history):
     """results.json (every evaluation) and ckpt.pt (model, optimizer, step) in cfg.out_dir, each
     written to a .tmp file and renamed: a crash never leaves a half-written file."""
-    results = dict(config=asdict(cfg), history=history, final=history[-1])
-    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg), step=step,
-                history=history)
-    for name, obj in (("results.json", results), ("ckpt.pt", ckpt)):
-        path = os.path.join(cfg.out_dir, name)
-        with open(path + ".tmp", "w" if name.endswith("json") else "wb") as f:
-            json.dump(obj, f, indent=1) if name.endswith("json") else torch.save(obj, f)
-        os.replace(path + ".tmp", path)  # atomic: the old file or the new one
+    path = os.path.join(cfg.out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(config=asdict(cfg), history=history, final=history[-1]), f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: the old file or the new one
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
+                        step=step, history=history), f)
+    os.replace(path + ".tmp", path)
     return path
 
-# %% training: the loop
+def quiet(*args, **kwargs):
+    """The log of a silent run (log=None) and of every process but rank 0."""
 
-def setup(cfg, device, world, log):
-    """Before step 1: the out_dir, the data, the model and its optimizer, fresh or from cfg.resume.
-    Returns cfg (with the data's task), train and test graphs, model, optimizer, step, history."""
+def start(cfg, log):
+    """Before step 1: device and processes, the out_dir, the data, the model and its optimizer,
+    fresh or from cfg.resume: the run, cfg (with the data's task) and what train() uses."""
+    rank, world, device = distributed(pick_device(cfg.device, cfg.threads))
+    log = log if log and rank == 0 else quiet  # only rank 0 speaks and saves
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else dict(step=0, history=[])
     if cfg.out_dir and ckpt["step"] < cfg.max_iters:
         claim_folder(cfg.out_dir, ("ckpt.pt", "results.json"), "out_dir", cfg.overwrite, cfg.resume)
@@ -631,50 +742,61 @@ def setup(cfg, device, world, log):
                          f"not exceed the {cfg.n_train} training graphs")
     torch.manual_seed(cfg.seed)  # the same seed, the same initial weights
     block_size = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # all inputs but the last
-    model = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
-    opt = make_optimizer(model, cfg, device)
+    raw = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
     if cfg.resume:
-        model.load_state_dict(ckpt["model"])  # the trained weights
-        opt.load_state_dict(ckpt["optimizer"])  # the saved moments; flags given win for the rest
-        opt.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0: the matrices
-        for g in opt.param_groups:
-            g["betas"] = (0.9, cfg.beta2)  # in every group: decayed or not
-        done = ckpt["step"] >= cfg.max_iters
+        raw.load_state_dict(ckpt["model"])  # the trained weights
+        done = ckpt["step"] >= cfg.max_iters  # a finished run: one evaluation, no training
         log(f"resumed from {cfg.resume} at step {ckpt['step']}" + (
             f"; nothing to train (--max_iters {cfg.max_iters}): one evaluation" if done else ""))
-    log(f"{cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} x "
-        f"{world} | G({cfg.deg},{cfg.path_len}) N={cfg.num_nodes} | {cfg.n_train} train / "
-        f"{cfg.n_test} test graphs | {objective_name(cfg)}")
-    return cfg, train_set, test_set, model, opt, ckpt["step"], ckpt["history"]
+    opt = make_optimizer(raw, cfg, device, ckpt.get("optimizer"))
+    count = count_graphs(cfg.deg, cfg.path_len, cfg.num_nodes)  # distinct graphs of the task
+    count = f"{count:,}" if count < 10**15 else f"~10^{int(math.log10(count))}"
+    new = " + new graphs" if cfg.fresh_after else ""
+    log(f"{cfg.model} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params on {device} x "
+        f"{world} | G({cfg.deg},{cfg.path_len}) N={cfg.num_nodes}: {count} distinct graphs; "
+        f"{cfg.n_train:,} in the pool{new}, {cfg.n_test:,} test (apart as graphs) | "
+        f"{objective_name(cfg)}")
+    model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw  # evaluation: raw
+    if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = partial(compute_context, device, autocast_dtype(cfg.dtype, device))  # each forward's
+    return SimpleNamespace(
+        cfg=cfg, log=log, rank=rank, world=world, device=device, raw=raw, model=model, opt=opt,
+        batches=train_batches(cfg, ckpt["step"], train_set, test_set, device, log), amp=amp,
+        scores=partial(evaluate, raw, *test_set, cfg.num_nodes, cfg.reverse, cfg.teacherless, amp),
+        step=ckpt["step"], history=ckpt["history"], saved=cfg.resume, began=time.time(),
+        clock=time.time(), cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead")
 
-def train_batches(cfg, step, train_set, test_set, device, log):
-    """Each step's global batch (B, P+L) from `step` on: the pool, then from fresh_after on the new
-    graphs, each seen once. Each set's batches are drawn from the seed of the step it starts at,
-    and a resumed run skips the ones it trained on: it draws the batches of one unbroken run."""
-    while True:
-        fresh = 0 < cfg.fresh_after <= step  # past the switch: new graphs
-        graphs = unseen_graphs(cfg, test_set) if fresh else train_set
-        seq = torch.from_numpy(encode(*graphs, cfg.num_nodes, cfg.reverse)[0]).to(device)
-        if fresh and step == cfg.fresh_after:  # the pool has done its work: new graphs from here
-            log(f"step {step}: from here on {len(seq)} new graphs, each seen once")
-        start = cfg.fresh_after if fresh else 0  # the step this set's batches began at
-        gen = torch.Generator(device).manual_seed(cfg.seed + start)
-        for idx in islice(batches(len(seq), cfg.batch_size, gen), step - start, None):
-            yield seq[idx]  # (B, P+L) token rows, on the device
-            step += 1
-            if step == cfg.fresh_after:
-                break
-
-def progress(step, losses, seconds, cfg, model):
-    """A progress line: mean loss, lr, speed in steps and in FLOPs (6 per parameter and token,
-    plus attention's 12 * n_layer * n_embd * T: the PaLM / nanoGPT estimate; no Mamba scan)."""
-    its, T = len(losses) / seconds, prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1
-    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+def log_progress(run, step, window, do_log):
+    """A nan or inf loss stops the run (checked each step on a CPU, on a GPU at log steps: a check
+    waits for it). A log step logs the mean loss over the processes (returned), lr, speed in steps
+    and FLOPs (6 per parameter and token + attention's 12 * n_layer * n_embd * T: the PaLM/nanoGPT
+    estimate; no Mamba scan) and the time left."""
+    cfg = run.cfg
+    if run.device.type == "cuda" and not do_log:
+        return None
+    losses = torch.stack(window)
+    if not torch.isfinite(losses).all():
+        j = int((~torch.isfinite(losses)).nonzero()[0])  # the first bad step in the window
+        raise Stopped(f"the loss is {losses[j].item()} at step {step - len(window) + 1 + j}: "
+                      f"training diverged; lower --lr (now {cfg.lr:g}). "
+                      f"{resume_hint(run.saved, cfg)}")
+    if not do_log:
+        return None
+    if run.world > 1:  # the mean over the processes
+        dist.all_reduce(losses)
+        losses /= run.world  # all_reduce sums
+    its = len(window) / (time.time() - run.clock)  # steps a second
+    T = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # tokens a graph
+    n_params = sum(p.numel() for p in run.raw.parameters())  # the tied embedding counted once
     attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
-    flops, eta = (6 * n_params + attn) * T * cfg.batch_size * its, (cfg.max_iters - step) / its / 60
-    return (f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
+    flops = (6 * n_params + attn) * T * cfg.batch_size * its
+    eta = (cfg.max_iters - step) / its / 60  # minutes
+    run.log(f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
             f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | ETA "
             f"{eta:.1f} min")
+    return losses.mean().item()
 
 def resume_hint(saved, cfg):
     if saved:
@@ -683,79 +805,33 @@ def resume_hint(saved, cfg):
         return f"No checkpoint yet: the first comes at step {cfg.eval_interval or cfg.max_iters}."
     return "No checkpoint was written (--out_dir DIR keeps one at every evaluation)."
 
-def finite(window, step, cfg, saved):
-    """The losses of the steps since the last log line, stacked; a nan or inf stops the run."""
-    losses = torch.stack(window)
-    if not torch.isfinite(losses).all():
-        j = int((~torch.isfinite(losses)).nonzero()[0])  # the first bad step in the window
-        at = step - len(window) + 1 + j
-        raise Stopped(f"the loss is {losses[j].item()} at step {at}: training diverged; lower --lr "
-                      f"(now {cfg.lr:g}). {resume_hint(saved, cfg)}")
-    return losses
-
-def train(cfg, log=print):
-    """Train cfg's model on cfg's task and objective, evaluating every eval_interval steps. Returns
-    (model, history); out_dir keeps results.json and ckpt.pt. log=None trains without a word."""
-    rank, world, device = distributed(pick_device(cfg.device, cfg.threads))
-    log = log if log and rank == 0 else (lambda *a, **k: None)  # only rank 0 speaks and saves
-    cfg, train_set, test_set, raw, opt, step, history = setup(cfg, device, world, log)
-    data, start = train_batches(cfg, step, train_set, test_set, device, log), step
-    model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw  # evaluation: raw
-    if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
-        ids = [device.index] if device.type == "cuda" else None  # CPU processes: no ids
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    amp = lambda: compute_context(device, autocast_dtype(cfg.dtype, device))  # noqa: E731
-    P, N, saved, window = prompt_length(cfg.deg, cfg.path_len), cfg.num_nodes, cfg.resume, []
-    t0 = t_start = time.time()
-    ev = lambda: evaluate(raw, *test_set, N, cfg.reverse, cfg.teacherless, amp)  # noqa: E731
-    try:
-        while step < cfg.max_iters:
-            # fetch: this process's slice of the global batch, and this step's lr
-            seq = next(data).chunk(world)[rank]  # (B / world, P+L)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)  # warmup, then cosine or constant
-            if cfg.compile and cfg.compile_mode == "reduce-overhead":  # a new CUDA-graph replay
-                torch.compiler.cudagraph_mark_step_begin()
-            # forward, backward, clip, step
-            with amp():
-                hybrid = cfg.hybrid if step < cfg.hybrid_until or not cfg.hybrid_until else 0
-                loss = answer_loss(model, seq, P, cfg.teacherless, N, round(hybrid * len(seq)))
-            opt.zero_grad(set_to_none=True)  # no stale gradients from the last step
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            window.append(loss.detach())  # stays on the device: a GPU is not synced every step
-            # check and log: stop at the first nan or inf loss (on a GPU, at each log line)
-            do_eval = step == cfg.max_iters or (cfg.eval_interval and step % cfg.eval_interval == 0)
-            do_log = step % cfg.log_interval == 0 or do_eval  # an evaluation logs too
-            if device.type != "cuda" or do_log:
-                losses = finite(window, step, cfg, saved)
-            if do_log and world > 1:  # the mean over the processes
-                dist.all_reduce(losses)
-                losses /= world  # all_reduce sums
-            if do_log:
-                log(progress(step, losses, time.time() - t0, cfg, raw))
-            # evaluate and save
-            if do_eval and rank == 0:
-                history.append(dict(step=step, train_loss=losses.mean().item(), **ev()))
-                log(f"eval at step {step}:")
-                report(history[-1], cfg, log)
-                saved = save_run(cfg, raw, opt, step, history) if cfg.out_dir else saved
-            if do_log:
-                window, t0 = [], time.time()  # it/s counts training steps only, not evaluation
-    except KeyboardInterrupt:
-        raise Stopped(f"interrupted at step {step}. {resume_hint(saved, cfg)}") from None
-    if step == start and rank == 0:  # nothing to train: evaluate what there is
-        report(dict(step=step, **ev()), cfg, log)
-    log(f"done in {(time.time() - t_start) / 60:.1f} min")
-    if world > 1:  # every rank gets here before any leaves: a clean shutdown
-        dist.barrier()  # the others wait here for rank 0
+def finish(run, step):
+    """After the loop: with nothing trained, one evaluation; the time; the processes leave."""
+    if step == run.step and run.rank == 0:  # --max_iters 0, or a finished run resumed
+        report(dict(step=step, **run.scores()), run.cfg, run.log)
+    run.log(f"done in {(time.time() - run.began) / 60:.1f} min")
+    if run.world > 1:  # every rank gets here before any leaves: a clean shutdown
+        dist.barrier()
         dist.destroy_process_group()
-    return raw, history
 
-# %% command line
+def check(f, v):
+    """One knob's value against its field: its type, choices and range."""
+    m = f.metadata
+    name = f"--{f.name}"
+    if type(v) is not f.type and not (f.type is float and type(v) is int):  # True is no int here
+        raise UsageError(f"{name} must be of type {f.type.__name__} (got {v!r})")
+    if v not in m.get("choices", [v]):
+        raise UsageError(f"{name} must be one of {', '.join(m['choices'])} (got {v})")
+    if f.type in (int, float) and not (math.isfinite(v) and m.get("min", -math.inf) <= v <=
+                                       m.get("max", math.inf)):
+        lo, hi = m.get("min", "-inf"), m.get("max", "inf")
+        raise UsageError(f"{name} must be in [{lo}, {hi}] (got {v})")
+
+def known_knobs(saved):
+    """A config saved by this or an older version: knobs it did not have take their default (what
+    that version did, not the preset's); knobs no longer here are dropped."""
+    before = dict(min_lr_frac=0.1)  # a cosine to lr/10 before the knob came (its default since)
+    return {f.name: saved.get(f.name, before.get(f.name, f.default)) for f in fields(Config)}
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
@@ -799,7 +875,7 @@ def main(argv=None):
         if not cfg.export_data:
             return train(cfg, log=lambda *a: print(*a, flush=True))  # flushed: a log file follows
         # the splits in the original format, DIR/train.txt and DIR/test.txt
-        train_set, test_set, task = make_splits(replace(cfg, fresh_after=0))  # no new graphs
+        train_set, test_set, task = make_splits(cfg)
         claim_folder(cfg.export_data, ("train.txt", "test.txt"), "export_data", cfg.overwrite)
         for name, graphs in (("train.txt", train_set), ("test.txt", test_set)):
             write_graphs(os.path.join(cfg.export_data, name), *graphs)

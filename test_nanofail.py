@@ -31,7 +31,8 @@ if DEVICE != "cpu" and not ((DEVICE.startswith("cuda") and torch.cuda.is_availab
 # The one small setting every run here starts from: tiny(**kw) is it as a Config, flags(**kw) as the
 # command line of the same run (so a CLI run and a Python run of the same kw read the same data).
 TINY = dict(n_layer=1, n_embd=32, n_head=2, n_train=256, n_test=32, batch_size=32, max_iters=20,
-            warmup_iters=2, log_interval=10, eval_interval=0, dtype="float32", device=DEVICE)
+            warmup_iters=2, log_interval=10, eval_interval=0, dtype="float32", device=DEVICE,
+            path_len=5, num_nodes=50, lr=1e-3, min_lr_frac=0.1)  # G(2,5): the paper's task
 
 
 def tiny(**kw):
@@ -196,6 +197,30 @@ def test_text_format_round_trip(tmp_path):
     assert not os.path.exists(f + ".tmp")
 
 
+def test_the_text_format_reads_as_the_original_reader_does(tmp_path, capsys):
+    edges, path = graphs(n=20)
+    lines = nf.graph_lines(edges, path)
+    for text in ("\r\n".join(lines) + "\r\n",                  # Windows line ends
+                 "  \n".join(lines) + " \t\n\n  \n\n",           # spaces, blank lines at the end
+                 "\n".join(lines)):                              # no newline at the end
+        e, p = nf.parse_graphs(text, "f.txt")
+        assert np.array_equal(e, edges) and np.array_equal(p, path)
+    # the original generator with reverse=True writes the answers g..s: read back as s..g, noted
+    backwards = [ln.split("=")[0] + "=" + ",".join(map(str, q[::-1]))
+                 for ln, q in zip(lines, path.tolist())]
+    notes = []
+    e, p = nf.parse_graphs("\n".join(backwards), "rev.txt", log=notes.append)
+    assert np.array_equal(e, edges) and np.array_equal(p, path)
+    assert len(notes) == 1 and "rev.txt" in notes[0]
+    # so --reverse (or not) means the same with either file
+    for name, text in (("fwd.txt", lines), ("rev.txt", backwards)):
+        (tmp_path / name).write_text("\n".join(text) + "\n")
+    fwd, rev = (nf.make_splits(tiny(test_file=str(tmp_path / name), reverse=True), log=print)[1]
+                for name in ("fwd.txt", "rev.txt"))
+    assert all(np.array_equal(a, b) for a, b in zip(fwd, rev))
+    assert capsys.readouterr().out.count("rev.txt") == 1
+
+
 def test_export_data_writes_both_files(tmp_path, capsys):
     code, out, _ = run_main(["--export_data", tmp_path, "--n_train", "300", "--n_test", "30"],
                             capsys)
@@ -251,6 +276,9 @@ G22, G23 = "1,2|1,3/1,3=1,3", "1,2|2,3|1,4|4,5/1,3=1,2,3"
     ([G22, "1,2|1,4/1,4=1,2"], 2),             # the path does not end at g
     ([G22, "1,2|1,4/1,4=1,5"], 2),             # the path leaves the edges
     ([G22, "garbage"], 2),
+    ([G22, " ", G22], 2),                      # a blank line inside the file
+    ([G22, G22, "1,2|1,3/1,3=3,1"], 3),        # an answer g..s in a file of answers s..g
+    (["1,2|1,3/1,3=3,1", G22], 2),             # and the other way round
     (["garbage", G22], 1),
     ([G22, G22, "1,2|1,3|1,4/1,3=1,3"], 3),    # another number of edges than line 1
     ([G22, "1,2|1,999999999999/1,999999999999=1,999999999999"], 2),  # a label far above MAX_NODES
@@ -734,7 +762,7 @@ def test_verdicts_read_the_accuracy_pattern(forced, exact, cfg, word):
 
 def test_teacherless_verdict_names_what_is_planned():
     r = dict(forced_token_acc=[1.0, 0.17, 0.16, 0.98, 1.0], test_exact_match=0.0)
-    text = nf.verdict(r, nf.Config(teacherless=True))
+    text = nf.verdict(r, nf.Config(teacherless=True, path_len=5))
     have, lack = text.split(";")[:2]  # the planned positions, then the ones not yet
     assert set(have.split()) >= {"s", "n3", "g"} and not {"n1", "n2"} & set(have.split())
     assert {"n1", "n2"} <= set(lack.split())
@@ -914,37 +942,64 @@ def test_max_iters_zero_evaluates_the_untrained_model(capsys):
     assert evaluations(stdout) == 1
 
 
-def test_fresh_after_trains_on_unseen_graphs_and_resumes_through_the_switch(tmp_path, capsys,
-                                                                            monkeypatch):
-    kw = dict(n_train=48, n_test=16, batch_size=16, min_lr_frac=1)  # 48 in the pool, 64 new
-    weights = lambda run: torch.load(tmp_path / run / "ckpt.pt",  # noqa: E731
-                                     weights_only=True)["model"]
+def weights(run_dir):
+    return torch.load(run_dir / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_fresh_after_trains_on_new_graphs_each_seen_once(tmp_path, capsys, monkeypatch):
+    kw = dict(n_train=48, n_test=16, batch_size=16, min_lr_frac=1)  # 48 in the pool
     code, stdout, _ = run_main(flags(max_iters=10, fresh_after=6, out_dir=tmp_path / "one", **kw),
                                capsys)
-    assert code == 0 and re.search(r"^step 6\b.*\b64\b", stdout, re.M)  # (10 - 6) * 16 new graphs
+    assert code == 0 and re.search(r"^step 6\b.*new graphs", stdout, re.M)  # the switch, said
+    header = stdout.splitlines()[0]  # the task's graphs against the graphs the run sees
+    assert f"{nf.count_graphs(2, 5, 50):,} distinct" in header and "+ new graphs" in header
     assert run_main(flags(max_iters=10, out_dir=tmp_path / "pool", **kw), capsys)[0] == 0
-    assert run_main(flags(max_iters=6, out_dir=tmp_path / "two", **kw), capsys)[0] == 0
-    code, stdout, _ = run_main(["--resume", tmp_path / "two" / "ckpt.pt", "--max_iters", "10",
-                                "--fresh_after", "6"], capsys)
-    assert code == 0
-    one, two, pool = weights("one"), weights("two"), weights("pool")
-    # the same run, in one go or in two
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    # the new graphs were trained on
-    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)
+    one, pool = weights(tmp_path / "one"), weights(tmp_path / "pool")
+    assert not all(torch.allclose(one[k], pool[k], atol=1e-5) for k in one)  # new graphs trained
+    # steps 7-10 trained on the first 64 graphs of the stream's first block, in order: none a test
+    # graph, none seen twice
     cfg = tiny(max_iters=10, fresh_after=6, **kw)
-    train, test, _ = nf.make_splits(cfg, log=lambda *a: None)
-    new = nf.unseen_graphs(cfg, test)
-    assert len(new[0]) == 64 and not (set(nf.graph_keys(*new))
-                                      & set(nf.graph_keys(*train) + nf.graph_keys(*test)))
-    # steps 7-10 trained on exactly those graphs, each once
+    _, test, _ = nf.make_splits(cfg, log=lambda *a: None)
+    new = nf.new_graphs(cfg, 0, set(nf.graph_keys(*test)))
+    assert len(new[0]) == nf.NEW_BLOCK * 16 and len(set(nf.graph_keys(*new))) == len(new[0])
+    assert set(nf.graph_keys(*new)).isdisjoint(nf.graph_keys(*test))
     batches, real_loss = [], nf.answer_loss
-    monkeypatch.setattr(nf, "answer_loss", lambda model, seq, *a, **k: (
-        batches.append(seq.clone()), real_loss(model, seq, *a, **k))[1])
+
+    def answer_loss(model, seq, *args, **kwargs):
+        batches.append(seq.clone())
+        return real_loss(model, seq, *args, **kwargs)
+    monkeypatch.setattr(nf, "answer_loss", answer_loss)
     nf.train(cfg, log=None)
-    rows = lambda seq: sorted(r.tobytes() for r in np.asarray(seq))  # noqa: E731
     assert len(batches) == 10
-    assert rows(torch.cat(batches[6:])) == rows(nf.encode(*new, cfg.num_nodes)[0])
+    assert torch.equal(torch.cat(batches[6:]), torch.from_numpy(nf.encode(*new, 50)[0][:64]))
+
+
+@pytest.mark.parametrize("first", [3, 7])  # a first part that stops before the switch at 5, after
+def test_a_run_resumed_with_a_larger_budget_is_the_longer_run(tmp_path, capsys, first):
+    """New graphs follow the step, not --max_iters: 10 steps in one run, or `first` steps and then
+    a resume with --max_iters 10 (at a constant lr), train the same weights."""
+    kw = dict(n_train=48, n_test=16, batch_size=16, min_lr_frac=1, warmup_iters=0, fresh_after=5)
+    assert run_main(flags(max_iters=10, out_dir=tmp_path / "one", **kw), capsys)[0] == 0
+    assert run_main(flags(max_iters=first, out_dir=tmp_path / "two", **kw), capsys)[0] == 0
+    assert ckpt_step(tmp_path / "two" / "ckpt.pt") == first
+    code, _, _ = run_main(["--resume", tmp_path / "two" / "ckpt.pt", "--max_iters", "10"], capsys)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert code == 0 and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_the_stream_of_new_graphs_depends_on_the_step_alone():
+    cfg = tiny(batch_size=2, fresh_after=3)
+    pool, test, _ = nf.make_splits(cfg, log=lambda *a: None)
+
+    def steps(first, n, **kw):  # the global batches of steps first+1 .. first+n
+        gen = nf.train_batches(nf.replace(cfg, **kw), first, pool, test, torch.device("cpu"),
+                               lambda *a: None)
+        return [next(gen) for _ in range(n)]
+    whole = steps(0, 3 + 2 * nf.NEW_BLOCK + 5)
+    start = 3 + nf.NEW_BLOCK - 2  # a resume just before the second block, with a larger budget
+    later = steps(start, nf.NEW_BLOCK + 10, max_iters=10**9)
+    assert all(torch.equal(a, b) for a, b in zip(whole[start:], later))
+    assert not torch.equal(whole[3], whole[3 + nf.NEW_BLOCK])  # each block graphs of its own
 
 
 @pytest.mark.parametrize("saved_at", [3, 6])  # in the pool's first epoch; past the switch at 5
@@ -963,10 +1018,11 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_of_one_run(tmp_path, caps
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)  # the same batches
 
 
-def test_too_many_fresh_graphs_are_refused_before_step_1(capsys):
-    out, _ = usage_error(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys,
-                         "--max_iters")
-    assert progress_steps(out) == []
+def test_new_graphs_need_no_memory_up_front(capsys, monkeypatch):
+    # a budget of 10**9 steps of new graphs starts at once: they are drawn as the steps come
+    interrupt_at_call(monkeypatch, 6)
+    code, out, err = run_main(flags(fresh_after=3, max_iters=10**9, log_interval=1), capsys)
+    assert code == 1 and progress_steps(out) == [1, 2, 3, 4, 5] and re.search(r"\b5\b", err)
 
 
 def test_a_checkpoint_from_an_older_version_resumes_as_that_version_ran(tmp_path, capsys):
@@ -1296,7 +1352,7 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
         run.mkdir()
         hist = [dict(step=10 * (i + 1), train_loss=1.0, test_exact_match=x,
                      forced_token_acc=[1, x, 1, 1, 1]) for i, x in enumerate(exacts)]
-        cfg = nf.Config(seed=seed, teacherless=True, max_iters=steps)
+        cfg = nf.Config(seed=seed, teacherless=True, max_iters=steps, path_len=5)
         json.dump(dict(config=nf.asdict(cfg), history=hist, final=hist[-1]),
                   open(run / "results.json", "w"))
         runs.append(run)
@@ -1322,8 +1378,8 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
 
 
 def test_panel_titles_name_the_settings_and_where_a_run_started():
-    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8,
-                    resume="runs/rev/ckpt.pt", out_dir="runs/tl")
+    cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, path_len=5,
+                    n_embd=128, lr=1e-3, resume="runs/rev/ckpt.pt", out_dir="runs/tl")
     assert figures.panel_title(cfg) == ("gpt teacherless G(2,5)\n4 x 128, 8 heads, batch 256, "
                                         "50,000 graphs\nlr 0.001 constant, weight decay 0.1\n"
                                         "started from runs/rev")
@@ -1650,3 +1706,30 @@ def test_torchrun_two_processes_follow_one_process(tmp_path):
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_presets_g23_and_g25_are_the_runs_their_results_describe():
+    # the defaults moved to the demo's G(2,4) task: the presets pin what their recorded runs took
+    knobs = ("deg path_len num_nodes n_train fresh_after hybrid hybrid_until n_layer n_embd "
+             "n_head batch_size lr min_lr_frac warmup_iters weight_decay beta2 grad_clip").split()
+    for preset, run in (("g23", "g23-tl-s1337"), ("g25", "g25-tl-hyb2k-s2")):
+        saved = json.loads((HERE / "assets" / "runs" / run / "results.json").read_text())["config"]
+        saved = nf.known_knobs(saved)  # knobs younger than the run: what that version did
+        cfg = nf.Config(preset=preset, teacherless=True)
+        assert {k: getattr(cfg, k) for k in knobs} == {k: saved[k] for k in knobs}, preset
+
+
+def test_the_clever_hans_signature_is_counted_from_the_last_evaluation(tmp_path):
+    # next-token on the cheat, next-token still learning, a teacherless win: one signature
+    rows = [("nt", False, [1.0, 0.49, 0.99, 1.0], 0.49), ("early", False, [1.0, 0.24, 0.35, 1.0],
+            0.08), ("tl", True, [1.0, 0.97, 1.0, 1.0], 0.97)]
+    for name, teacherless, forced, exact in rows:
+        cfg = nf.asdict(tiny(teacherless=teacherless, path_len=4, max_iters=10))
+        hist = [dict(step=10, train_loss=0.1, test_exact_match=exact, forced_token_acc=forced)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(dict(config=cfg, history=hist)))
+    lines = figures.odds_table([str(tmp_path / n) for n, *_ in rows])
+    assert "next-token: 1 of 2 runs end with the Clever-Hans signature" in "\n".join(lines)
+    assert figures.clever_hans([1.0, 0.5, 0.95, 1.0], 0.5, deg=2)
+    assert not figures.clever_hans([1.0, 0.5, 0.85, 1.0], 0.5, deg=2)  # a later node not read
+    assert not figures.clever_hans([1.0, 0.75, 1.0, 1.0], 0.75, deg=2)  # n1 more than a guess

@@ -537,6 +537,13 @@ def probe_table(run_dir, n_graphs=5000):
                     f"block L ({n_fit} test graphs to fit, {n_score} to score)"]
 
 
+def clever_hans(forced, exact, deg):
+    """The paper's failure, measured: every node after n1 read off the edges (forced >= 0.9), n1
+    and exact match a guess among the deg arms (within 0.1 of 1/deg). forced: s, n1, ..., g."""
+    guess = abs(forced[1] - 1 / deg) <= 0.1 and abs(exact - 1 / deg) <= 0.1
+    return len(forced) > 2 and guess and min(forced[2:]) >= 0.9
+
+
 def odds_table(run_dirs, target=0.95, by=None):
     """The odds behind "k of n seeds" in README/RESULTS, read from the runs' results.json: for each
     run its seed, objective, last evaluation and the first step at which exact match reached
@@ -545,6 +552,7 @@ def odds_table(run_dirs, target=0.95, by=None):
     lines = ["| run | seed | objective | last step | exact match | forced s ... g | forced >= 0.9 "
              f"from step (n1 ...) | reached {target} at step |", "|---" * 8 + "|"]
     outcomes = {}  # objective -> per run: "reached", "early" (stopped before max_iters) or "missed"
+    signs = []  # per next-token run: True where it ends on the cheat
     for run_dir in run_dirs:
         try:
             cfg, hist = read_results(run_dir)
@@ -559,6 +567,8 @@ def odds_table(run_dirs, target=0.95, by=None):
             continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
         last = hist[-1]
+        if objective == "next-token":
+            signs.append(clever_hans(last["forced_token_acc"], last["test_exact_match"], cfg.deg))
         outcomes.setdefault(objective, []).append(
             "reached" if at is not None else "early" if last["step"] < end else "missed")
         forced = " ".join(f"{a:.3f}" for a in last["forced_token_acc"])
@@ -568,6 +578,9 @@ def odds_table(run_dirs, target=0.95, by=None):
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
                      f"{last['test_exact_match']:.3f} | {forced} | {links} | {at or 'no'} |")
     # a run stopped early (on a plateau, or still going) is counted, and said apart
+    if signs:  # next-token runs: did each end on the paper's failure?
+        lines.append(f"next-token: {sum(signs)} of {len(signs)} runs end with the Clever-Hans "
+                     "signature (every node after n1 >= 0.9; n1, exact match within 0.1 of 1/deg)")
     return lines + [""] + [f"{objective}: {o.count('reached')} of {len(o)} runs reached {target}"
                            + (f"; {o.count('early')} of the others stopped before their max_iters"
                               if "early" in o else "")
