@@ -4,11 +4,11 @@ nanofail: "The Pitfalls of Next-Token Prediction" (Bachmann & Nagarajan, ICML 20
 A path-star graph G(deg, path_len) is a start s with deg arms of path_len - 1 nodes. The prompt is
 the shuffled edge list, then s and the goal g; the answer is the path s, n1, ..., g. Teacher forcing
 teaches the "Clever Hans" cheat (each node is the child of the one before, read off the edges) and
-never the hard step n1: exact match stays at 1/deg. Reversed targets are easy; teacherless training
-(every answer input replaced by `$`) removes the cheat. Part I, the lesson, is the `# %%` cells down
-to the engine room (Part II, which runs it); the cells only define. Run `python nanofail.py
-[--reverse | --teacherless] [--preset g23 | g25 | paper]`, or, from Python,
-`model, history = train(Config(preset="g23", teacherless=True))`.
+leaves the hard step n1 a guess: exact match 1/deg. Reversed targets are easy; teacherless training
+(every answer input replaced by `$`) removes the cheat where a run gets off its plateaus (README:
+how often). Part I, the lesson, is the `# %%` cells down to the engine room (Part II, which runs
+it); the cells only define. Run `python nanofail.py [--reverse | --teacherless] [--preset g23 |
+g25 | paper]`, or, from Python, `model, history = train(Config(preset="g23", teacherless=True))`.
 """
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
@@ -280,7 +280,7 @@ def verdict(r, cfg):
         lack = " ".join(n for n, a in zip(names, f) if a <= 0.9)
         lack = lack or f"all of them right at once (exact match {exact:.3f})"  # each > 0.9
         return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
-                f"yet: {lack} (README, Results: how often it wins).")
+                f"yet: {lack} (README: how often it wins).")
     n1_to_guess = cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse  # a choice among arms
     if n1_to_guess and f[1] < 1.5 / cfg.deg and min(f[2:]) > 0.9:
         return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
@@ -306,15 +306,15 @@ def report(r, cfg, log=print):
 # A preset is a few overrides of the defaults, each with its reason (as nanoGPT's config files);
 # RESULTS.md has the runs behind each value.
 PRESETS = {
-    "quick": {},  # the defaults: G(2,4) on 10 labels, where both halves show on a CPU
+    "quick": {},  # the defaults: the paper's G(2,5); a CPU shows the cheat in minutes
     "g23": dict(path_len=3,          # s, n1, g: n1 = parent(g), a one-step plan
-                num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1,  # as its runs, the old
-                log_interval=50,     # defaults (RESULTS.md: 7 of 7)
+                num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1,  # pinned: the values
+                log_interval=50,     # its runs took (RESULTS.md: 7 of 7)
                 n_train=200_000,     # the paper's training set
                 batch_size=256,      # and its batch size
                 max_iters=3000,      # the plan appears only after a plateau
                 eval_interval=250),  # to see when
-    "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # the paper's task; its runs' width
+    "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # pinned: the paper's task, its runs' width
                 n_layer=8,           # depth shortens the plateaus of the plan's three links
                 n_train=200_000, batch_size=256,
                 lr=5e-4,             # higher rates stayed on the first plateau
@@ -328,7 +328,7 @@ PRESETS = {
                   n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4,
                   warmup_iters=100,   # the original code's AdamW and schedule: warmup 100,
                   weight_decay=0.0, beta2=0.999, grad_clip=0.0,  # no decay, no clipping,
-                  min_lr_frac=1,      # a cosine over 100x more steps than it runs: ~constant
+                  min_lr_frac=1,      # its cosine spans 256x the steps it runs: ~constant
                   max_iters=390_625,  # 500 epochs of 200,000 graphs: a GPU's work
                   eval_interval=5000, log_interval=500),
 }
@@ -349,8 +349,8 @@ def knob(default, help, **checks):
 class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
     deg: int = knob(2, "arms leaving the start node s", min=1, fixed=True)
-    path_len: int = knob(4, "nodes on the path s..g, s included", min=2, fixed=True)
-    num_nodes: int = knob(10, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
+    path_len: int = knob(5, "nodes on the path s..g, s included", min=2, fixed=True)
+    num_nodes: int = knob(50, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
     n_train: int = knob(50_000, "training graphs: the pool, seen epoch after epoch", min=1)
     fresh_after: int = knob(0, "from this step on, new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
@@ -362,17 +362,17 @@ class Config:
     # model
     model: str = knob("gpt", "gpt or mamba", choices=("gpt", "mamba"), fixed=True)
     n_layer: int = knob(4, "layers", min=1, fixed=True)
-    n_embd: int = knob(64, "width (d_model)", min=1, fixed=True)
+    n_embd: int = knob(128, "width (d_model)", min=1, fixed=True)
     n_head: int = knob(4, "attention heads (gpt)", min=1, fixed=True)
     d_state: int = knob(16, "SSM state size N (mamba)", min=1, fixed=True)
     expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1, fixed=True)
     d_conv: int = knob(4, "causal conv kernel (mamba)", min=1, fixed=True)
     # training
     batch_size: int = knob(128, "graphs per step, over all processes", min=1)
-    lr: float = knob(3e-3, "peak learning rate (AdamW)", min=0)
-    min_lr_frac: float = knob(1.0, "cosine decay to lr * this (1: constant)", min=0, max=1)
+    lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
+    min_lr_frac: float = knob(0.1, "cosine decay to lr * this (1: constant)", min=0, max=1)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
-    max_iters: int = knob(8000, "optimizer steps", min=0)
+    max_iters: int = knob(600, "optimizer steps", min=0)
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)", min=0)
     beta2: float = knob(0.95, "AdamW beta2 (torch's default: 0.999)", min=0, max=1)
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", min=0)
@@ -385,8 +385,8 @@ class Config:
     threads: int = knob(0, "CPU threads (0: one per core no other process keeps busy)", min=0)
     seed: int = knob(1337, "seed for data, init and batches", min=0, max=2**32 - 1)
     # logging and files
-    log_interval: int = knob(500, "print a progress line every this many steps", min=1)
-    eval_interval: int = knob(1000, "evaluate every this many steps (0: at the end)", min=0)
+    log_interval: int = knob(50, "print a progress line every this many steps", min=1)
+    eval_interval: int = knob(300, "evaluate every this many steps (0: at the end)", min=0)
     out_dir: str = knob("", "write results.json and ckpt.pt here")
     overwrite: bool = knob(False, "replace a run (or exported data) already in the folder")
     resume: str = knob("", "continue from this ckpt.pt with its settings (flags override them)")
@@ -830,8 +830,7 @@ def check(f, v):
 def known_knobs(saved):
     """A config saved by this or an older version: knobs it did not have take their default (what
     that version did, not the preset's); knobs no longer here are dropped."""
-    before = dict(min_lr_frac=0.1)  # a cosine to lr/10 before the knob came (its default since)
-    return {f.name: saved.get(f.name, before.get(f.name, f.default)) for f in fields(Config)}
+    return {f.name: saved.get(f.name, f.default) for f in fields(Config)}
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
