@@ -335,8 +335,7 @@ PRESETS = {
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches, a higher lr and more steps show the same signature in minutes.
 MAMBA_PRESETS = {
-    "quick": dict(n_layer=2, n_embd=128, batch_size=64, lr=3e-3, min_lr_frac=0.1,
-                  max_iters=1500, eval_interval=250, log_interval=250),
+    "quick": dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),
     "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
 }
 
@@ -601,10 +600,10 @@ def train_batches(cfg, step, pool, test, device, log):
     """Each step's global batch (B, P+L) from `step` on: the pool in shuffled epochs, then from
     --fresh_after on new graphs, each seen once; by the step alone, so a run resumed (with a larger
     --max_iters or not) trains on the batches of one unbroken run."""
-    seq = torch.from_numpy(encode(*pool, cfg.num_nodes, cfg.reverse)[0]).to(device)
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # the pool's order, from the seed
     last = cfg.fresh_after or None  # the pool trains the steps before --fresh_after, or all
-    if last is None or step <= last:
+    if last is None or step <= last:  # (a run resumed past the switch needs no pool)
+        seq = torch.from_numpy(encode(*pool, cfg.num_nodes, cfg.reverse)[0]).to(device)
+        gen = torch.Generator(device).manual_seed(cfg.seed)  # the pool's order, from the seed
         for idx in islice(batches(len(seq), cfg.batch_size, gen), step, last):  # from `step`
             yield seq[idx]  # (B, P+L) token rows, on the device
         log(f"step {last}: new graphs from here on, each seen once")

@@ -578,13 +578,13 @@ def odds_table(run_dirs, target=0.95, by=None):
         lines.append(f"| {run_dir} | {cfg.seed} | {objective} | {last['step']} | "
                      f"{last['test_exact_match']:.3f} | {forced} | {links} | {at or 'no'} |")
     # a run stopped early (on a plateau, or still going) is counted, and said apart
+    counts = [f"{objective}: {o.count('reached')} of {len(o)} runs reached {target}"
+              + (f"; {o.count('early')} of the others stopped before their max_iters"
+                 if "early" in o else "") for objective, o in outcomes.items()]
     if signs:  # next-token runs: did each end on the paper's failure?
-        lines.append(f"next-token: {sum(signs)} of {len(signs)} runs end with the Clever-Hans "
-                     "signature (every node after n1 >= 0.9; n1, exact match within 0.1 of 1/deg)")
-    return lines + [""] + [f"{objective}: {o.count('reached')} of {len(o)} runs reached {target}"
-                           + (f"; {o.count('early')} of the others stopped before their max_iters"
-                              if "early" in o else "")
-                           for objective, o in outcomes.items()]
+        counts.append(f"next-token: {sum(signs)} of {len(signs)} runs end with the Clever-Hans "
+                      "signature (every node after n1 >= 0.9; n1, exact match within 0.1 of 1/deg)")
+    return lines + [""] + counts
 
 
 def main(argv=None):
