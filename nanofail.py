@@ -7,8 +7,8 @@ teaches the "Clever Hans" cheat (each node is the child of the one before, read 
 leaves the hard step n1 a guess: exact match 1/deg. Reversed targets are easy; teacherless training
 (every answer input replaced by `$`) removes the cheat where a run gets off its plateaus (README:
 how often). Part I, the lesson, is the `# %%` cells down to the engine room (Part II, which runs
-it); the cells only define. Run `python nanofail.py [--reverse | --teacherless] [--preset g23 |
-g25 | paper]`, or, from Python, `model, history = train(Config(preset="g23", teacherless=True))`.
+it); the cells only define. Run `python nanofail.py [--reverse | --teacherless] [--preset cheat |
+g25 | paper]`, or, from Python, `model, history = train(Config(teacherless=True))`.
 """
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # %% data: path-star graphs
-# One G(2,5) on N = 50 labels, a line of the original repository's text format (demo test graph 2):
+# One G(2,5) on N = 50 labels (the paper's task), a line of the original repository's text format:
 #
 #     35,1|27,35|20,39|39,37|27,6|3,41|1,3|6,20/27,41=27,35,1,3,41
 #
@@ -282,7 +282,8 @@ def verdict(r, cfg):
         return (f"teacherless: planned from the prompt so far (> 0.9): {have or 'nothing'}; not "
                 f"yet: {lack} (README: how often it wins).")
     n1_to_guess = cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse  # a choice among arms
-    if n1_to_guess and f[1] < 1.5 / cfg.deg and min(f[2:]) > 0.9:
+    guess = abs(f[1] - 1 / cfg.deg) <= 0.1 and abs(exact - 1 / cfg.deg) <= 0.1  # n1: 1 of deg
+    if n1_to_guess and guess and min(f[2:]) >= 0.9:
         return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
                 f"a guess among {cfg.deg} arms, so exact match ~ 1/deg.")
     return "still learning: neither the Clever-Hans signature nor a solution yet."
@@ -306,12 +307,14 @@ def report(r, cfg, log=print):
 # A preset is a few overrides of the defaults, each with its reason (as nanoGPT's config files);
 # RESULTS.md has the runs behind each value.
 PRESETS = {
-    "quick": {},  # the defaults: the paper's G(2,5); a CPU shows the cheat in minutes
+    "quick": {},  # the defaults (the values of g23): both halves of the paper on one task
+    "cheat": dict(path_len=5,        # the paper's G(2,5): next-token's cheat in minutes, but
+                  n_train=50_000, batch_size=128,  # teacherless stays near 0 at this budget:
+                  max_iters=600, eval_interval=300),  # it needs --preset g25's hours
     "g23": dict(path_len=3,          # s, n1, g: n1 = parent(g), a one-step plan
                 num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1,  # pinned: the values
                 log_interval=50,     # its runs took (RESULTS.md: 7 of 7)
-                n_train=200_000,     # the paper's training set
-                batch_size=256,      # and its batch size
+                n_train=200_000, batch_size=256,  # the paper's training set and batch size
                 max_iters=3000,      # the plan appears only after a plateau
                 eval_interval=250),  # to see when
     "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # pinned: the paper's task, its runs' width
@@ -335,9 +338,11 @@ PRESETS = {
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches, a higher lr and more steps show the same signature in minutes.
 MAMBA_PRESETS = {
-    "quick": dict(n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),
+    "quick": dict(path_len=5, n_train=50_000,  # G(2,5), where Mamba shows the cheat (on G(2,3)
+                  n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),  # not)
     "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
 }
+MAMBA_PRESETS["cheat"] = MAMBA_PRESETS["quick"]  # the same G(2,5) run
 
 def knob(default, help, **checks):
     """A Config field with its help line and checks: min, max, choices, and fixed (a model or task
@@ -348,9 +353,9 @@ def knob(default, help, **checks):
 class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
     deg: int = knob(2, "arms leaving the start node s", min=1, fixed=True)
-    path_len: int = knob(5, "nodes on the path s..g, s included", min=2, fixed=True)
+    path_len: int = knob(3, "nodes on the path s..g, s included", min=2, fixed=True)
     num_nodes: int = knob(50, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
-    n_train: int = knob(50_000, "training graphs: the pool, seen epoch after epoch", min=1)
+    n_train: int = knob(200_000, "training graphs: the pool, seen epoch after epoch", min=1)
     fresh_after: int = knob(0, "from this step on, new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
     reverse: bool = knob(False, "target the reversed path g..s (each step is a parent lookup)")
@@ -367,11 +372,11 @@ class Config:
     expand: int = knob(2, "inner width = expand * n_embd (mamba)", min=1, fixed=True)
     d_conv: int = knob(4, "causal conv kernel (mamba)", min=1, fixed=True)
     # training
-    batch_size: int = knob(128, "graphs per step, over all processes", min=1)
+    batch_size: int = knob(256, "graphs per step, over all processes", min=1)
     lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
     min_lr_frac: float = knob(0.1, "cosine decay to lr * this (1: constant)", min=0, max=1)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
-    max_iters: int = knob(600, "optimizer steps", min=0)
+    max_iters: int = knob(3000, "optimizer steps", min=0)
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)", min=0)
     beta2: float = knob(0.95, "AdamW beta2 (torch's default: 0.999)", min=0, max=1)
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", min=0)
@@ -385,7 +390,7 @@ class Config:
     seed: int = knob(1337, "seed for data, init and batches", min=0, max=2**32 - 1)
     # logging and files
     log_interval: int = knob(50, "print a progress line every this many steps", min=1)
-    eval_interval: int = knob(300, "evaluate every this many steps (0: at the end)", min=0)
+    eval_interval: int = knob(250, "evaluate every this many steps (0: at the end)", min=0)
     out_dir: str = knob("", "write results.json and ckpt.pt here")
     overwrite: bool = knob(False, "replace a run (or exported data) already in the folder")
     resume: str = knob("", "continue from this ckpt.pt with its settings (flags override them)")
@@ -531,11 +536,10 @@ def parse_graphs(text, name="input", log=print):
 def read_graphs(name, log=print):
     """A file in the original text format -> edges (n, E, 2), path (n, L)."""
     try:
-        with open(name) as f:
-            text = f.read()
+        with open(name) as f:  # text mode: CRLF reads as LF
+            return parse_graphs(f.read(), name, log)
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {name}: {e}")
-    return parse_graphs(text, name, log)
 
 def graph_lines(edges, path):
     """edges (n, E, 2), path (n, L) -> the graphs as lines of the original text format."""
@@ -620,12 +624,12 @@ def pick_device(name, threads):
     """auto: cuda, then mps, then cpu; a device this machine lacks is a usage error. On the CPU,
     threads=0 takes one per core no other process keeps busy (a shared core makes each step wait):
     torch's count less the runnable tasks in /proc/loadavg but this one, at the least of 5 looks."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    have = dict(cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()), cpu=1)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
         raise UsageError(f"unknown --device {name}: use auto, cpu, cuda, cuda:N or mps")
-    device = torch.device(("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name)
-    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
-            device.type == "mps" and not mps):  # no GPU, or not that many
+    auto = "cuda" if have["cuda"] else "mps" if have["mps"] else "cpu"  # the first there is
+    device = torch.device(auto if name == "auto" else name)
+    if (device.index or 0) >= have[device.type]:  # no GPU, or not that many
         raise UsageError(f"--device {name} is not available on this machine: use --device auto")
     if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
         busy = 0
@@ -639,10 +643,10 @@ def autocast_dtype(dtype, device):
     """auto: bf16 where the hardware has native bf16 math (Ampere+ GPUs, AVX512-BF16/AMX CPUs)."""
     if dtype != "auto":
         return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (
-        device.type == "cpu" and cpu_bf16)
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16 else torch.float32
 
 @contextmanager
 def compute_context(device, dtype):
@@ -660,11 +664,10 @@ def make_optimizer(model, cfg, device, state=None):
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0)]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2),
                             fused=device.type in ("cuda", "cpu"))
-    if state:
-        opt.load_state_dict(state)  # the saved moments and settings, then the flags':
-        opt.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0: the matrices
-        for g in opt.param_groups:
-            g["betas"] = (0.9, cfg.beta2)  # in every group: decayed or not
+    if state:  # the saved moments and settings, then the flags' over them
+        opt.load_state_dict(state)
+        for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0)):
+            group.update(weight_decay=decay, betas=(0.9, cfg.beta2))
     return opt
 
 def distributed(device):
@@ -711,9 +714,8 @@ def save_run(cfg, model, opt, step, history):
         json.dump(dict(config=asdict(cfg), history=history, final=history[-1]), f, indent=1)
     os.replace(path + ".tmp", path)  # atomic: the old file or the new one
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    with open(path + ".tmp", "wb") as f:
-        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
-                        step=step, history=history), f)
+    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=asdict(cfg),
+                    step=step, history=history), path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
@@ -729,32 +731,33 @@ def start(cfg, log):
     if cfg.out_dir and ckpt["step"] < cfg.max_iters:
         claim_folder(cfg.out_dir, ("ckpt.pt", "results.json"), "out_dir", cfg.overwrite, cfg.resume)
     train_set, test_set, task = make_splits(cfg, log)
-    if cfg.resume:  # the model's vocabulary and positions are those of the checkpoint's task
-        old = [ckpt["config"][k] for k in ("deg", "path_len", "num_nodes")]
-        if old[:2] != [task["deg"], task["path_len"]] or task["num_nodes"] > old[2]:
-            raise UsageError(f"the checkpoint learned G({old[0]},{old[1]}) on {old[2]} labels, not "
-                             f"G({task['deg']},{task['path_len']}): pass data of its task")
-        task["num_nodes"] = old[2]  # fewer labels in the data: the same vocabulary
+    old = ckpt["config"] if cfg.resume else task  # a resumed model keeps its task and labels
+    if (old["deg"], old["path_len"]) != (task["deg"], task["path_len"]) or (
+            task["num_nodes"] > old["num_nodes"]):  # (data with fewer labels is fine)
+        raise UsageError(f"the checkpoint learned G({old['deg']},{old['path_len']}) on "
+                         f"{old['num_nodes']} labels, not G({task['deg']},{task['path_len']}): "
+                         "pass data of its task")
+    task["num_nodes"] = old["num_nodes"]  # the vocabulary the checkpoint's model has
     cfg = replace(cfg, **task)  # a copy with the data's task: the caller's cfg is untouched
     if cfg.batch_size % world or cfg.batch_size > cfg.n_train:
         raise UsageError(f"--batch_size {cfg.batch_size} must split over {world} process(es) and "
                          f"not exceed the {cfg.n_train} training graphs")
     torch.manual_seed(cfg.seed)  # the same seed, the same initial weights
-    block_size = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # all inputs but the last
-    raw = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=block_size).to(device)
+    T = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # the inputs: all but the last
+    raw = build_model(cfg, vocab_size=cfg.num_nodes + 4, block_size=T).to(device)
     if cfg.resume:
         raw.load_state_dict(ckpt["model"])  # the trained weights
         done = ckpt["step"] >= cfg.max_iters  # a finished run: one evaluation, no training
         log(f"resumed from {cfg.resume} at step {ckpt['step']}" + (
             f"; nothing to train (--max_iters {cfg.max_iters}): one evaluation" if done else ""))
     opt = make_optimizer(raw, cfg, device, ckpt.get("optimizer"))
+    n_params = sum(p.numel() for p in raw.parameters())  # the tied embedding counted once
     count = count_graphs(cfg.deg, cfg.path_len, cfg.num_nodes)  # distinct graphs of the task
     count = f"{count:,}" if count < 10**15 else f"~10^{int(math.log10(count))}"
     new = " + new graphs" if cfg.fresh_after else ""
-    log(f"{cfg.model} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params on {device} x "
-        f"{world} | G({cfg.deg},{cfg.path_len}) N={cfg.num_nodes}: {count} distinct graphs; "
-        f"{cfg.n_train:,} in the pool{new}, {cfg.n_test:,} test (apart as graphs) | "
-        f"{objective_name(cfg)}")
+    log(f"{cfg.model} {n_params / 1e6:.2f}M params on {device} x {world} | G({cfg.deg},"
+        f"{cfg.path_len}) N={cfg.num_nodes}: {count} distinct graphs; {cfg.n_train:,} in the "
+        f"pool{new}, {cfg.n_test:,} test (apart as graphs) | {objective_name(cfg)}")
     model = torch.compile(raw, mode=cfg.compile_mode) if cfg.compile else raw  # evaluation: raw
     if world > 1:  # DistributedDataParallel averages the gradients over the processes in backward()
         model = nn.parallel.DistributedDataParallel(
@@ -765,19 +768,20 @@ def start(cfg, log):
         batches=train_batches(cfg, ckpt["step"], train_set, test_set, device, log), amp=amp,
         scores=partial(evaluate, raw, *test_set, cfg.num_nodes, cfg.reverse, cfg.teacherless, amp),
         step=ckpt["step"], history=ckpt["history"], saved=cfg.resume, began=time.time(),
-        clock=time.time(), cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead")
+        clock=time.time(), n_params=n_params, T=T,
+        cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead")
 
 def log_progress(run, step, window, do_log):
-    """A nan or inf loss stops the run (checked each step on a CPU, on a GPU at log steps: a check
-    waits for it). A log step logs the mean loss over the processes (returned), lr, speed in steps
-    and FLOPs (6 per parameter and token + attention's 12 * n_layer * n_embd * T: the PaLM/nanoGPT
-    estimate; no Mamba scan) and the time left."""
+    """A nan or inf loss stops the run (checked each step on a CPU; on a GPU at log steps only, as a
+    check waits for it). A log step logs the mean loss over the processes (returned), the lr, the
+    speed (FLOPs: 6 a parameter and token, + attention's 12 n_layer n_embd T) and the time left."""
     cfg = run.cfg
     if run.device.type == "cuda" and not do_log:
         return None
     losses = torch.stack(window)
-    if not torch.isfinite(losses).all():
-        j = int((~torch.isfinite(losses)).nonzero()[0])  # the first bad step in the window
+    bad = torch.nonzero(~torch.isfinite(losses))  # the window's steps with a nan or inf loss
+    if len(bad):
+        j = int(bad[0])  # the first of them
         raise Stopped(f"the loss is {losses[j].item()} at step {step - len(window) + 1 + j}: "
                       f"training diverged; lower --lr (now {cfg.lr:g}). "
                       f"{resume_hint(run.saved, cfg)}")
@@ -787,14 +791,11 @@ def log_progress(run, step, window, do_log):
         dist.all_reduce(losses)
         losses /= run.world  # all_reduce sums
     its = len(window) / (time.time() - run.clock)  # steps a second
-    T = prompt_length(cfg.deg, cfg.path_len) + cfg.path_len - 1  # tokens a graph
-    n_params = sum(p.numel() for p in run.raw.parameters())  # the tied embedding counted once
-    attn = 12 * cfg.n_layer * cfg.n_embd * T if cfg.model == "gpt" else 0
-    flops = (6 * n_params + attn) * T * cfg.batch_size * its
-    eta = (cfg.max_iters - step) / its / 60  # minutes
+    attn = 12 * cfg.n_layer * cfg.n_embd * run.T if cfg.model == "gpt" else 0  # no Mamba scan
+    flops = (6 * run.n_params + attn) * run.T * cfg.batch_size * its  # PaLM's, as nanoGPT's
     run.log(f"step {step:>6}/{cfg.max_iters} | loss {losses.mean().item():.4f} | lr "
-            f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | ETA "
-            f"{eta:.1f} min")
+            f"{lr_at(step - 1, cfg):.1e} | {its:.2f} it/s {flops / 1e9:.0f} GFLOP/s | "
+            f"ETA {(cfg.max_iters - step) / its / 60:.1f} min")
     return losses.mean().item()
 
 def resume_hint(saved, cfg):
@@ -805,7 +806,7 @@ def resume_hint(saved, cfg):
     return "No checkpoint was written (--out_dir DIR keeps one at every evaluation)."
 
 def finish(run, step):
-    """After the loop: with nothing trained, one evaluation; the time; the processes leave."""
+    """After the loop: with nothing trained (--max_iters reached), one evaluation; the time."""
     if step == run.step and run.rank == 0:  # --max_iters 0, or a finished run resumed
         report(dict(step=step, **run.scores()), run.cfg, run.log)
     run.log(f"done in {(time.time() - run.began) / 60:.1f} min")
@@ -815,16 +816,13 @@ def finish(run, step):
 
 def check(f, v):
     """One knob's value against its field: its type, choices and range."""
-    m = f.metadata
-    name = f"--{f.name}"
+    lo, hi = f.metadata.get("min", -math.inf), f.metadata.get("max", math.inf)
     if type(v) is not f.type and not (f.type is float and type(v) is int):  # True is no int here
-        raise UsageError(f"{name} must be of type {f.type.__name__} (got {v!r})")
-    if v not in m.get("choices", [v]):
-        raise UsageError(f"{name} must be one of {', '.join(m['choices'])} (got {v})")
-    if f.type in (int, float) and not (math.isfinite(v) and m.get("min", -math.inf) <= v <=
-                                       m.get("max", math.inf)):
-        lo, hi = m.get("min", "-inf"), m.get("max", "inf")
-        raise UsageError(f"{name} must be in [{lo}, {hi}] (got {v})")
+        raise UsageError(f"--{f.name} must be of type {f.type.__name__} (got {v!r})")
+    if v not in f.metadata.get("choices", [v]):
+        raise UsageError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])} (got {v})")
+    if f.type in (int, float) and not (math.isfinite(v) and lo <= v <= hi):
+        raise UsageError(f"--{f.name} must be in [{lo}, {hi}] (got {v})")
 
 def known_knobs(saved):
     """A config saved by this or an older version: knobs it did not have take their default (what
@@ -871,7 +869,7 @@ def main(argv=None):
     with reported():
         cfg = parse_config(argv)
         if not cfg.export_data:
-            return train(cfg, log=lambda *a: print(*a, flush=True))  # flushed: a log file follows
+            return train(cfg, log=partial(print, flush=True))  # flushed: a log file follows
         # the splits in the original format, DIR/train.txt and DIR/test.txt
         train_set, test_set, task = make_splits(cfg)
         claim_folder(cfg.export_data, ("train.txt", "test.txt"), "export_data", cfg.overwrite)

@@ -538,10 +538,11 @@ def probe_table(run_dir, n_graphs=5000):
 
 
 def clever_hans(forced, exact, deg):
-    """The paper's failure, measured: every node after n1 read off the edges (forced >= 0.9), n1
-    and exact match a guess among the deg arms (within 0.1 of 1/deg). forced: s, n1, ..., g."""
-    guess = abs(forced[1] - 1 / deg) <= 0.1 and abs(exact - 1 / deg) <= 0.1
-    return len(forced) > 2 and guess and min(forced[2:]) >= 0.9
+    """The paper's failure, as nanofail's verdict reads it: every node after n1 read off the edges
+    (forced >= 0.9), n1 and exact match a guess among the deg arms (within 0.1 of 1/deg).
+    forced: s, n1, ..., g."""
+    r = dict(forced_token_acc=forced, test_exact_match=exact)
+    return nf.verdict(r, nf.Config(deg=deg, path_len=len(forced))).startswith("Clever Hans")
 
 
 def odds_table(run_dirs, target=0.95, by=None):
@@ -563,7 +564,8 @@ def odds_table(run_dirs, target=0.95, by=None):
         objective, end = nf.objective_name(cfg), min(cfg.max_iters, math.inf if by is None else by)
         if not hist:  # nothing evaluated yet by then: counted, as a run stopped early
             outcomes.setdefault(objective, []).append("early")
-            lines.append(f"| {run_dir} | {cfg.seed} | {objective} | no evaluation by step {by} |||||")
+            row = f"| {run_dir} | {cfg.seed} | {objective} | no evaluation by step {by} |||||"
+            lines.append(row)
             continue
         at = next((h["step"] for h in hist if h["test_exact_match"] >= target), None)
         last = hist[-1]
@@ -608,7 +610,8 @@ def main(argv=None):
     p.add_argument("--probe", metavar="RUN_DIR",
                    help="print where in this GPT run a linear probe finds the plan's nodes")
     p.add_argument("--by", type=int, metavar="STEP",
-                   help="--odds within a budget: a run continued past STEP is read as it stood there")
+                   help="--odds within a budget: a run continued past STEP is read as it stood "
+                        "there")
     p.add_argument("--graph", type=int, metavar="K",
                    help="--attention on test graph K of each run (default: its worked example)")
     p.add_argument("--out", help="the PNG to write")
