@@ -1,5 +1,4 @@
-"""
-nanofail: "The Pitfalls of Next-Token Prediction" (Bachmann & Nagarajan, ICML 2024) in one file.
+"""nanofail: "The Pitfalls of Next-Token Prediction" (Bachmann & Nagarajan, ICML 2024) in one file.
 
 A path-star graph G(deg, path_len) is a start s with deg arms of path_len - 1 nodes. The prompt is
 the shuffled edge list, then s and the goal g; the answer is the path s, n1, ..., g. Teacher forcing
@@ -34,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Drawn, the edges are two arms leaving s = 27:   27 -> 35 -> 1 -> 3 -> 41 (the goal g)
 #                                                 27 -> 6 -> 20 -> 39 -> 37
 # Every node but s has one child or none: after n1 = 35 the rest is lookups: n1 is the plan.
-MAX_NODES = 10_000  # labels 0..9999; the vocabulary is the labels and four symbols
+MAX_NODES = 10_000  # the cap on --num_nodes: the text format's labels have 1-4 digits
 NEW_BLOCK = 100  # --fresh_after's new graphs are drawn this many steps' worth at a time
 
 def make_graphs(n, deg, path_len, num_nodes, rng):
@@ -120,17 +119,17 @@ def encode(edges, path, num_nodes, reverse=False):
 #     position        ... /  s  g  =  s  n1 n2 n3 g          (prompt length P, answer length L)
 #     input x         ... /  s  g  =  s  n1 n2 n3            next-token: the true answer prefix
 #     input x         ... /  s  g  =  $  $  $  $             teacherless: nothing to copy
-#     target y        -1 ......... -1 s  n1 n2 n3 g          the loss reads the last L positions
+#     target y        (not scored) s  n1 n2 n3 g             the loss reads the last L positions
 
 def make_inputs(seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """seq (B, P+L) -> model input x (B, P+L-1). Position P-1 ('=') predicts the first answer
     token, position P+i the answer token i+1. A hybrid batch keeps its first n_forced rows
     teacher-forced: they train the edge lookup that the teacherless rows chain (Nagarajan et al.
-    2025, Sec. 3)."""
+    2025, arXiv 2504.15266, Sec. 3)."""
     x = seq[:, :-1]  # the last token is only a target
     if teacherless:
-        # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup, and n1 is left
-        # to be learned alone, without help from later tokens (the Clever-Hans cheat, paper Sec. 4).
+        # Teacher forcing hands the model n_i, so n_{i+1} = child(n_i) is a lookup (the Clever-Hans
+        # cheat), and n1 is left to be learned alone (the Indecipherable Token; paper Sec. 4).
         # With '$' in place of every answer input there is nothing to copy: the model must plan the
         # whole path from the prompt (teacherless training, paper Sec. 5).
         x = x.clone()  # seq keeps the true answer: the targets
@@ -284,8 +283,11 @@ def verdict(r, cfg):
     n1_to_guess = cfg.deg > 1 and cfg.path_len > 2 and not cfg.reverse  # a choice among arms
     guess = abs(f[1] - 1 / cfg.deg) <= 0.1 and abs(exact - 1 / cfg.deg) <= 0.1  # n1: 1 of deg
     if n1_to_guess and guess and min(f[2:]) >= 0.9:
-        return (f"Clever Hans: every later node is read off the edge list (forced ~ 1), but n1 is "
-                f"a guess among {cfg.deg} arms, so exact match ~ 1/deg.")
+        later = "every later node is read off the edge list"  # n_i = child(n_{i-1}), the cheat
+        if cfg.path_len == 3:  # G(d,3): the one later node is g, which the prompt gives
+            later = "g is copied from the prompt"
+        return (f"Clever Hans: {later} (forced ~ 1), but n1 is a guess among {cfg.deg} arms, so "
+                f"exact match ~ 1/deg.")
     return "still learning: neither the Clever-Hans signature nor a solution yet."
 
 def report(r, cfg, log=print):
@@ -308,15 +310,12 @@ def report(r, cfg, log=print):
 # RESULTS.md has the runs behind each value.
 PRESETS = {
     "quick": {},  # the defaults (the values of g23): both halves of the paper on one task
-    "cheat": dict(path_len=5,        # the paper's G(2,5): next-token's cheat in minutes, but
-                  n_train=50_000, batch_size=128,  # teacherless stays near 0 at this budget:
-                  max_iters=600, eval_interval=300),  # it needs --preset g25's hours
-    "g23": dict(path_len=3,          # s, n1, g: n1 = parent(g), a one-step plan
-                num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1,  # pinned: the values
-                log_interval=50,     # its runs took (RESULTS.md: 7 of 7)
-                n_train=200_000, batch_size=256,  # the paper's training set and batch size
-                max_iters=3000,      # the plan appears only after a plateau
-                eval_interval=250),  # to see when
+    # the paper's G(2,5): next-token's cheat in minutes; teacherless stays near 0 at this budget
+    "cheat": dict(path_len=5, n_train=50_000, batch_size=128, max_iters=600, eval_interval=300),
+    # G(2,3): s, n1, g, so n1 = parent(g), a one-step plan. Every value is pinned as its runs took
+    # it (RESULTS.md); the paper's training set and batch size; 3000 steps: the plan comes late
+    "g23": dict(path_len=3, num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1, log_interval=50,
+                n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250),
     "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # pinned: the paper's task, its runs' width
                 n_layer=8,           # depth shortens the plateaus of the plan's three links
                 n_train=200_000, batch_size=256,
@@ -327,7 +326,7 @@ PRESETS = {
                 max_iters=20_000,    # n1, the last link, can come late; the paper: 390,625
                 eval_interval=1000, log_interval=500),
     "paper": dict(path_len=5, num_nodes=50,  # G(2,5) on 50 labels, the paper's Sec. 4 task
-                  n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (its code: 6)
+                  n_layer=12, n_embd=384, n_head=6,  # the paper's Transformer (its code: 6 layers)
                   n_train=200_000, n_test=20_000, batch_size=256, lr=5e-4,
                   warmup_iters=100,   # the original code's AdamW and schedule: warmup 100,
                   weight_decay=0.0, beta2=0.999, grad_clip=0.0,  # no decay, no clipping,
@@ -338,8 +337,9 @@ PRESETS = {
 # Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
 # smaller batches, a higher lr and more steps show the same signature in minutes.
 MAMBA_PRESETS = {
-    "quick": dict(path_len=5, n_train=50_000,  # G(2,5), where Mamba shows the cheat (on G(2,3)
-                  n_layer=2, batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),  # not)
+    # G(2,5), where Mamba shows the cheat (on G(2,3) it learns n1 with either objective)
+    "quick": dict(path_len=5, n_train=50_000, n_layer=2, batch_size=64, lr=3e-3, max_iters=1500,
+                  eval_interval=250),
     "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
 }
 MAMBA_PRESETS["cheat"] = MAMBA_PRESETS["quick"]  # the same G(2,5) run
@@ -418,7 +418,8 @@ class Config:
 
 # %% training: the loop
 # As in nanoGPT's train.py: a batch, its loss, a step of AdamW, a log line, now and then an
-# evaluation and a checkpoint. Set-up, saving and stopping are named calls into Part II.
+# evaluation and a checkpoint. Set-up, saving and stopping are named calls into Part II; start()
+# returns `run`: the model (run.raw: before compile and DDP), opt, batches, amp, scores() and more.
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
@@ -440,9 +441,9 @@ def train(cfg, log=print):
             # batch: this process's share of the step's global batch, (B / world, P+L)
             seq = next(run.batches).chunk(run.world)[run.rank]
             # forward: the loss on the answer tokens, with the objective's inputs
-            hybrid = cfg.hybrid if step < cfg.hybrid_until or not cfg.hybrid_until else 0
-            n_forced = round(hybrid * len(seq))  # --hybrid: rows kept teacher-forced
-            if run.cuda_graphs:  # --compile_mode reduce-overhead: a new CUDA-graph replay
+            hybrid_on = step < cfg.hybrid_until or not cfg.hybrid_until  # --hybrid_until 0: always
+            n_forced = round(cfg.hybrid * len(seq)) if hybrid_on else 0  # rows kept teacher-forced
+            if run.cuda_graphs:  # CUDA graphs reuse their buffers: a new step, a new replay
                 torch.compiler.cudagraph_mark_step_begin()
             with run.amp():  # autocast: bf16 where the device computes in it
                 loss = answer_loss(run.model, seq, P, cfg.teacherless, cfg.num_nodes, n_forced)

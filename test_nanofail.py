@@ -1516,6 +1516,31 @@ def test_arm_choice_counts_the_forced_predictions(gpt_run, capsys):
     assert code == 0 and np.allclose(printed, np.concatenate([at_depth, right]), atol=5e-4)
 
 
+class FixedDecoder:
+    """A stand-in model whose greedy answers are fixed in advance: rows (n, L)."""
+    def __init__(self, rows):
+        self.rows = torch.tensor(rows)
+
+    def eval(self):
+        return self
+
+    def generate(self, idx, max_new_tokens):
+        assert idx.shape == (len(self.rows), 15) and max_new_tokens == 3  # G(2,3): 15 prompt tokens
+        return self.rows
+
+
+def test_after_wrong_n1_tells_the_lookup_from_the_true_next_node(monkeypatch):
+    # s = 5, arms 5-2-8 and 5-9-3, goal 8; answers: twice the wrong arm followed (3, the child
+    # of 9), once the wrong arm then g, once the right path
+    edges, path = nf.parse_graphs("\n".join(["5,2|2,8|5,9|9,3/5,8=5,2,8"] * 4))
+    cfg = nf.Config(deg=2, path_len=3, num_nodes=10)
+    model = FixedDecoder([[5, 9, 3], [5, 9, 3], [5, 9, 8], [5, 2, 8]])
+    monkeypatch.setattr(figures, "load_gpt", lambda run: (cfg, model))
+    monkeypatch.setattr(figures, "test_graphs", lambda cfg: (edges, path))
+    k, lookup, true_next = figures.after_wrong_n1("run")
+    assert k == 3 and math.isclose(lookup, 2 / 3) and math.isclose(true_next, 1 / 3)
+
+
 def test_edge_reads_average_the_attention_on_each_arm(tmp_path, capsys):
     run, n = tmp_path / "g35", 3  # three arms: two to average off the path; three graphs
     nf.main(flags(n_layer=2, deg=3, max_iters=1, device="cpu", out_dir=run))

@@ -439,14 +439,37 @@ def arm_choice(run_dir, n_graphs=2000):
     return cfg, (d == want).mean(0), (pred == seq[:, P:]).mean(0), one_arm.mean(), len(path)
 
 
+@torch.no_grad()
+def after_wrong_n1(run_dir, n_graphs=2000):
+    """Greedy decoding of a next-token run: after a wrong n1, is the next node the child of that
+    n1 (the lookup, going on along the wrong arm) or the true next node (on G(d,3) that is g, which
+    the prompt gives)? Returns (graphs with a wrong n1, lookup rate, true-next rate)."""
+    cfg, model = load_gpt(run_dir)
+    edges, path = (t[:n_graphs] for t in test_graphs(cfg))
+    seq, P = nf.encode(edges, path, cfg.num_nodes)
+    pred = model.eval().generate(torch.from_numpy(seq[:, :P]), cfg.path_len).numpy()  # (n, L)
+    wrong = np.flatnonzero(pred[:, 1] != path[:, 1])
+    # each node's child (every node but s has at most one; s is never a wrong n1)
+    children = [dict(e) for e in edges[wrong].tolist()]
+    lookup = [c.get(n1) == nxt for c, n1, nxt in zip(children, pred[wrong, 1], pred[wrong, 2])]
+    true_next = pred[wrong, 2] == path[wrong, 2]
+    return len(wrong), float(np.mean(lookup)), float(np.mean(true_next))
+
+
 def arms_table(run_dir, n_graphs=2000):
-    """arm_choice as Markdown lines: a column per answer position."""
+    """arm_choice as Markdown lines: a column per answer position; for a next-token run, what
+    greedy decoding does after a wrong n1 (after_wrong_n1)."""
     cfg, at_depth, right, one_arm, n = arm_choice(run_dir, n_graphs)
     names = nf.position_names(cfg.path_len, cfg.reverse)
-    return ["| answer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-            "| as far from s (any arm) | " + " | ".join(f"{v:.3f}" for v in at_depth) + " |",
-            "| the answer | " + " | ".join(f"{v:.3f}" for v in right) + " |", "",
-            f"over {n} test graphs; {' '.join(names[1:-1])} all on one arm: {one_arm:.3f}"]
+    lines = ["| answer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             "| as far from s (any arm) | " + " | ".join(f"{v:.3f}" for v in at_depth) + " |",
+             "| the answer | " + " | ".join(f"{v:.3f}" for v in right) + " |", "",
+             f"over {n} test graphs; {' '.join(names[1:-1])} all on one arm: {one_arm:.3f}"]
+    if cfg.teacherless or cfg.reverse or cfg.path_len < 3:  # no decoded n1 to follow
+        return lines
+    k, lookup, true_next = after_wrong_n1(run_dir, n_graphs)
+    return lines + [f"greedy decoding, after a wrong n1 ({k} graphs), the next node is the child "
+                    f"of that n1: {lookup:.3f}; the true {names[2]}: {true_next:.3f}"]
 
 
 @torch.no_grad()
@@ -538,9 +561,9 @@ def probe_table(run_dir, n_graphs=5000):
 
 
 def clever_hans(forced, exact, deg):
-    """The paper's failure, as nanofail's verdict reads it: every node after n1 read off the edges
-    (forced >= 0.9), n1 and exact match a guess among the deg arms (within 0.1 of 1/deg).
-    forced: s, n1, ..., g."""
+    """The paper's failure, as nanofail's verdict reads it: every node after n1 right with the true
+    inputs (forced >= 0.9; read off the edges, or on G(d,3) g copied from the prompt), n1 and exact
+    match a guess among the deg arms (within 0.1 of 1/deg). forced: s, n1, ..., g."""
     r = dict(forced_token_acc=forced, test_exact_match=exact)
     return nf.verdict(r, nf.Config(deg=deg, path_len=len(forced))).startswith("Clever Hans")
 
