@@ -139,7 +139,7 @@ def make_inputs(seq, prompt_len, teacherless, num_nodes, n_forced=0):
 def answer_logits(model, seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """Logits of the L answer positions (B, L, vocab), with the objective's inputs."""
     x = make_inputs(seq, prompt_len, teacherless, num_nodes, n_forced)  # (B, P+L-1)
-    return model(x, n_out=seq.shape[1] - prompt_len).float()
+    return model(x, n_out=seq.shape[1] - prompt_len).float()  # fp32 for the loss, under bf16
 
 def answer_loss(model, seq, prompt_len, teacherless, num_nodes, n_forced=0):
     """Cross-entropy on the answer tokens only: the prompt is given, not predicted."""
@@ -186,7 +186,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
         for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by depth
             if p.dim() == 2:
-                residual = name.endswith(("proj.weight", "mlp.2.weight"))
+                residual = name.endswith(("proj.weight", "mlp.2.weight"))  # mlp.2: its 2nd Linear
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
 
     def forward(self, idx, n_out=None):
@@ -231,9 +231,10 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     seq, P = encode(edges, path, num_nodes, reverse)  # (n, P+L), P
     seq = torch.from_numpy(seq).to(next(model.parameters()).device)
     right = []  # (b, L) per batch: is the forced prediction the target?
-    for s in seq.split(128):  # small batches bound the memory (Mamba's scan state)
+    for chunk in seq.split(128):  # small batches bound the memory (Mamba's scan state)
         with amp():
-            right.append(answer_logits(model, s, P, teacherless, num_nodes).argmax(-1) == s[:, P:])
+            pred = answer_logits(model, chunk, P, teacherless, num_nodes).argmax(-1)  # (b, L)
+            right.append(pred == chunk[:, P:])
     right = torch.cat(right)  # (n, L)
     # Greedy decoding is right all the way exactly when every forced prediction is right: each
     # decoded token then sees the true prefix. So exact match needs one forced pass, no decoding.
@@ -261,8 +262,8 @@ def explain(edges, path, pred, reverse=False):
     at_n1 = wrong[0] == 1 and len(path) > 2  # (in G(d,2) position 1 is g, not n1)
     if at_n1 and not reverse and [path[0], pred[1]] in edges:
         slip = "wrong arm at n1"  # another child of s: the guess teacher forcing leaves
-    step = dict((v, u) if reverse else (u, v) for u, v in edges)  # the next node: child, or parent
-    if rest and all(step.get(pred[j - 1]) == pred[j] for j in wrong[1:]):
+    next_node = dict((v, u) if reverse else (u, v) for u, v in edges)  # its child, or its parent
+    if rest and all(next_node.get(pred[j - 1]) == pred[j] for j in wrong[1:]):
         return f"{slip}, then {rest} along the edges from there"  # lookups from the slip on
     return f"{slip}, {rest} too" if rest else slip
 
@@ -417,9 +418,8 @@ class Config:
             check(f, getattr(self, f.name))
 
 # %% training: the loop
-# As in nanoGPT's train.py: a batch, its loss, a step of AdamW, a log line, now and then an
-# evaluation and a checkpoint. Set-up, saving and stopping are named calls into Part II; start()
-# returns `run`: the model (run.raw: before compile and DDP), opt, batches, amp, scores() and more.
+# As in nanoGPT's train.py: a batch, its loss, an AdamW step, a log line, at times an evaluation
+# and a checkpoint. Part II sets up `run` (model; raw: before compile, DDP; opt, batches, amp, ...).
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to lr * min_lr_frac at max_iters (in optimizer steps)."""
