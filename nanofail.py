@@ -233,8 +233,8 @@ def evaluate(model, edges, path, num_nodes, reverse=False, teacherless=False, am
     right = []  # (b, L) per batch: is the forced prediction the target?
     for chunk in seq.split(128):  # small batches bound the memory (Mamba's scan state)
         with amp():
-            pred = answer_logits(model, chunk, P, teacherless, num_nodes).argmax(-1)  # (b, L)
-            right.append(pred == chunk[:, P:])
+            forced = answer_logits(model, chunk, P, teacherless, num_nodes).argmax(-1)  # (b, L)
+            right.append(forced == chunk[:, P:])
     right = torch.cat(right)  # (n, L)
     # Greedy decoding is right all the way exactly when every forced prediction is right: each
     # decoded token then sees the true prefix. So exact match needs one forced pass, no decoding.
