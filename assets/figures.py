@@ -67,7 +67,7 @@ def panel_title(cfg):
     preset = nf.Config(preset=cfg.preset, model=cfg.model)
     heads = f", {cfg.n_head} heads" if cfg.model == "gpt" and cfg.n_head != preset.n_head else ""
     seed = f", seed {cfg.seed}" if cfg.seed != preset.seed else ""
-    lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}){seed}",
+    lines = [f"{cfg.model} {objective} G({cfg.deg},{cfg.path_len}), N={cfg.num_nodes}{seed}",
              f"{cfg.n_layer} x {cfg.n_embd}{heads}, batch {cfg.batch_size}, {cfg.n_train:,} graphs",
              f"lr {cfg.lr:g} {'constant' if cfg.min_lr_frac == 1 else 'cosine'}, "
              f"weight decay {cfg.weight_decay:g}"]
