@@ -1382,12 +1382,12 @@ def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, path_len=5,
                     n_train=50_000, n_embd=128, lr=1e-3, resume="runs/rev/ckpt.pt",
                     out_dir="runs/tl")
-    assert figures.panel_title(cfg) == ("gpt teacherless G(2,5), N=20\n4 x 128, 8 heads, "
+    assert figures.panel_title(cfg) == ("gpt teacherless G(2,5), N=50\n4 x 128, 8 heads, "
                                         "batch 256, 50,000 graphs\nlr 0.001 constant, "
                                         "weight decay 0.1\nstarted from runs/rev")
     cfg.out_dir, cfg.seed = "runs/rev/", 2  # a run continued from its own checkpoint, another seed
     assert "started" not in figures.panel_title(cfg)
-    assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), N=20, seed 2\n")
+    assert figures.panel_title(cfg).startswith("gpt teacherless G(2,5), N=50, seed 2\n")
     cfg.fresh_after = 6000
     assert figures.panel_title(cfg).endswith("weight decay 0.1\nnew graphs from step 6,000")
     cfg.hybrid, cfg.hybrid_until, cfg.beta2 = 0.25, 2000, 0.999  # these shape the curve too
