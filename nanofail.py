@@ -4,10 +4,9 @@ A path-star graph G(deg, path_len) is a start s with deg arms of path_len - 1 no
 the shuffled edge list, then s and the goal g; the answer is the path s, n1, ..., g. Teacher forcing
 teaches the "Clever Hans" cheat (each node is the child of the one before, read off the edges) and
 leaves the hard step n1 a guess: exact match 1/deg. Reversed targets are easy; teacherless training
-(every answer input replaced by `$`) removes the cheat where a run gets off its plateaus (README:
-how often). Part I, the lesson, is the `# %%` cells down to the engine room (Part II, which runs
-it); the cells only define. Run `python nanofail.py [--reverse | --teacherless] [--preset cheat |
-g25 | paper]`, or, from Python, `model, history = train(Config(teacherless=True))`.
+(every answer input replaced by `$`) removes the cheat once a run gets off its plateaus (README: how
+often). Part I, the lesson, is the `# %%` cells down to the engine room; the cells only define. Run
+`python nanofail.py [--reverse | --teacherless]`, or from Python `train(Config(teacherless=True))`.
 """
 # %% imports
 import argparse, json, math, os, re, sys, tempfile, time  # noqa: E401
@@ -310,11 +309,13 @@ def report(r, cfg, log=print):
 # A preset is a few overrides of the defaults, each with its reason (as nanoGPT's config files);
 # RESULTS.md has the runs behind each value.
 PRESETS = {
-    "quick": {},  # the defaults (the values of g23): both halves of the paper on one task
+    # the defaults: G(2,3) (s, n1, g: n1 = parent(g), a one-step plan) with the paper's training set
+    # and batch; 25 labels, a constant lr: the plan comes sooner than on 50 (--reverse lags on 20)
+    "quick": {},
     # the paper's G(2,5): next-token's cheat in minutes; teacherless stays near 0 at this budget
-    "cheat": dict(path_len=5, n_train=50_000, batch_size=128, max_iters=600, eval_interval=300),
-    # G(2,3): s, n1, g, so n1 = parent(g), a one-step plan. Every value is pinned as its runs took
-    # it (RESULTS.md); the paper's training set and batch size; 3000 steps: the plan comes late
+    "cheat": dict(path_len=5, num_nodes=50, min_lr_frac=0.1, n_train=50_000, batch_size=128,
+                  max_iters=600, eval_interval=300),
+    # the earlier default, pinned as its runs took it (RESULTS.md): 50 labels, 3000 steps
     "g23": dict(path_len=3, num_nodes=50, n_embd=128, lr=1e-3, min_lr_frac=0.1, log_interval=50,
                 n_train=200_000, batch_size=256, max_iters=3000, eval_interval=250),
     "g25": dict(path_len=5, num_nodes=50, n_embd=128,  # pinned: the paper's task, its runs' width
@@ -335,12 +336,11 @@ PRESETS = {
                   max_iters=390_625,  # 500 epochs of 200,000 graphs: a GPU's work
                   eval_interval=5000, log_interval=500),
 }
-# Mamba learns the edge lookup more slowly per step, and its CPU scan is memory-bound: fewer layers,
-# smaller batches, a higher lr and more steps show the same signature in minutes.
+# Mamba's default, G(2,5), shows the cheat (on G(2,3) it learns n1 with either objective); its CPU
+# scan is memory-bound: fewer layers, smaller batches, a higher lr and more steps.
 MAMBA_PRESETS = {
-    # G(2,5), where Mamba shows the cheat (on G(2,3) it learns n1 with either objective)
-    "quick": dict(path_len=5, n_train=50_000, n_layer=2, batch_size=64, lr=3e-3, max_iters=1500,
-                  eval_interval=250),
+    "quick": dict(path_len=5, num_nodes=50, min_lr_frac=0.1, n_train=50_000, n_layer=2,
+                  batch_size=64, lr=3e-3, max_iters=1500, eval_interval=250),
     "g23": dict(PRESETS["g23"], n_layer=2, lr=3e-3),
 }
 MAMBA_PRESETS["cheat"] = MAMBA_PRESETS["quick"]  # the same G(2,5) run
@@ -355,7 +355,7 @@ class Config:
     # task: the path-star graph G(deg, path_len) over num_nodes labels, and the objective
     deg: int = knob(2, "arms leaving the start node s", min=1, fixed=True)
     path_len: int = knob(3, "nodes on the path s..g, s included", min=2, fixed=True)
-    num_nodes: int = knob(50, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
+    num_nodes: int = knob(25, "node labels (a data file sets it)", min=1, max=MAX_NODES, fixed=True)
     n_train: int = knob(200_000, "training graphs: the pool, seen epoch after epoch", min=1)
     fresh_after: int = knob(0, "from this step on, new graphs, each seen once (0: never)", min=0)
     n_test: int = knob(1_000, "test graphs", min=1)
@@ -375,9 +375,9 @@ class Config:
     # training
     batch_size: int = knob(256, "graphs per step, over all processes", min=1)
     lr: float = knob(1e-3, "peak learning rate (AdamW)", min=0)
-    min_lr_frac: float = knob(0.1, "cosine decay to lr * this (1: constant)", min=0, max=1)
+    min_lr_frac: float = knob(1.0, "cosine decay to lr * this (1: constant)", min=0, max=1)
     warmup_iters: int = knob(100, "linear warmup steps", min=0)
-    max_iters: int = knob(3000, "optimizer steps", min=0)
+    max_iters: int = knob(1250, "optimizer steps", min=0)
     weight_decay: float = knob(0.1, "AdamW weight decay (matrices only)", min=0)
     beta2: float = knob(0.95, "AdamW beta2 (torch's default: 0.999)", min=0, max=1)
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", min=0)
@@ -825,10 +825,12 @@ def check(f, v):
     if f.type in (int, float) and not (math.isfinite(v) and lo <= v <= hi):
         raise UsageError(f"--{f.name} must be in [{lo}, {hi}] (got {v})")
 
+OLD_DEFAULTS = dict(min_lr_frac=0.1)  # knobs whose default changed since: what versions before did
+
 def known_knobs(saved):
-    """A config saved by this or an older version: knobs it did not have take their default (what
-    that version did, not the preset's); knobs no longer here are dropped."""
-    return {f.name: saved.get(f.name, f.default) for f in fields(Config)}
+    """A config saved by this or an older version: knobs it did not have take what that version did
+    (their default then, not the preset's); knobs no longer here are dropped."""
+    return {f.name: saved.get(f.name, OLD_DEFAULTS.get(f.name, f.default)) for f in fields(Config)}
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block

@@ -1380,7 +1380,7 @@ def test_odds_table_counts_the_runs_that_reached_the_target(tmp_path, capsys):
 
 def test_panel_titles_name_the_settings_and_where_a_run_started():
     cfg = nf.Config(teacherless=True, batch_size=256, min_lr_frac=1, n_head=8, path_len=5,
-                    n_train=50_000, n_embd=128, lr=1e-3, resume="runs/rev/ckpt.pt",
+                    n_train=50_000, n_embd=128, num_nodes=50, lr=1e-3, resume="runs/rev/ckpt.pt",
                     out_dir="runs/tl")
     assert figures.panel_title(cfg) == ("gpt teacherless G(2,5), N=50\n4 x 128, 8 heads, "
                                         "batch 256, 50,000 graphs\nlr 0.001 constant, "
